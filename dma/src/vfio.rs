@@ -1,0 +1,1 @@
+//! VFIO: placeholder replaced by the dma helper.

@@ -1,0 +1,1 @@
+//! Emulated controller: being written.
