@@ -142,6 +142,13 @@ impl QueuePair {
         self.stats
     }
 
+    /// The slot the next [`QueuePair::submit`] will use, so a caller can prepare its own
+    /// per-command state under that index first. `None` when every slot is outstanding.
+    #[inline]
+    pub fn next_slot(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
     /// Writes `sqe` into the next SQ entry with a fresh CID and returns its slot, or `None` when
     /// every slot is outstanding. Nothing reaches the device until [`QueuePair::ring`].
     #[inline]

@@ -1,0 +1,875 @@
+//! An AIO context: what `io_setup` creates.
+//!
+//! A context owns one NVMe I/O queue pair per controller it has talked to, a bounce-page pool
+//! per queue pair, a fixed table of requests and the event ring. Everything on the per-I/O path
+//! (`submit` to `get_events`) works on that owned state through `&mut self`: no lock, no heap
+//! allocation once warmed up, no system call while polling, one SQ doorbell per queue per
+//! `submit` call and one CQ doorbell per reaping pass.
+//!
+//! One iocb becomes one request; a request becomes one NVMe command per `max_transfer` bytes
+//! (MDTS, capped at 1 MiB). Requests that cannot get a queue slot or bounce pages right away
+//! wait, in order, in their queue's pending list and are issued as completions free resources.
+//!
+//! Every request has a deadline (`ContextOptions::command_timeout`). A request past it completes
+//! with -ETIMEDOUT; the commands it left with the device keep their slots and bounce pages until
+//! the device answers, so a late answer can neither complete another command nor write into
+//! memory that was reused. A controller found gone or fatally failed fails all its I/O with -EIO.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvaio_dma::PAGE_SIZE;
+use nvaio_nvme::prp;
+use nvaio_nvme::spec::cmd::{nvm, RW_FUA};
+use nvaio_nvme::spec::Sqe;
+use nvaio_nvme::{Controller, QueuePair};
+
+use crate::abi::{self, opcode, rwf, IoEvent, Iocb};
+use crate::errno::status_to_errno;
+use crate::file::{self, NvmeFile};
+use crate::pool::{PageId, PagePool};
+use crate::ring::Ring;
+
+/// An errno, as the kernel's AIO calls return them (positive here; the C ABI negates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// Tunables of a context.
+#[derive(Clone, Debug)]
+pub struct ContextOptions {
+    /// Entries of each NVMe queue pair the context creates (clamped to the controller's limit).
+    /// By default, enough for every request of the context, up to 1024.
+    pub queue_entries: Option<u16>,
+    /// How long a request may take before it fails with -ETIMEDOUT.
+    pub command_timeout: Duration,
+    /// Bounce memory allocated per queue pair up front, and the most it may grow to.
+    pub bounce_initial: usize,
+    pub bounce_max: usize,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions {
+            queue_entries: None,
+            command_timeout: Duration::from_secs(30),
+            bounce_initial: 2 << 20,
+            bounce_max: 64 << 20,
+        }
+    }
+}
+
+/// The largest `nr_events` accepted, as fs/aio.c bounds it (0x10000000 bytes of events).
+pub const MAX_NR_EVENTS: u32 = 0x1000_0000 / 32;
+
+const NONE: u32 = u32::MAX;
+
+/// How far one pass of issuing got.
+enum Issue {
+    /// Nothing left pending.
+    Empty,
+    /// Out of queue slots or bounce pages: the rest waits for completions.
+    Blocked,
+    /// This request failed before reaching the device and must be completed.
+    Failed(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// One iocb in flight.
+struct Request {
+    obj: u64,
+    data: u64,
+    kind: Kind,
+    queue: u16,
+    nsid: u32,
+    block_shift: u32,
+    fua: bool,
+    /// Byte position on the namespace.
+    pos: u64,
+    total: usize,
+    /// Bytes handed to commands so far.
+    issued: usize,
+    /// Commands with the device.
+    outstanding: u32,
+    /// Negative errno once any command failed.
+    res: i64,
+    resfd: RawFd,
+    deadline: Instant,
+    /// The application's buffer as (address, length) pieces; capacity is kept across reuse.
+    segs: Vec<(u64, usize)>,
+    active: bool,
+}
+
+/// One NVMe command in flight, indexed by its queue slot.
+struct Cmd {
+    /// The request it serves, or NONE once the request has completed without it (timeout).
+    req: u32,
+    /// Byte offset of this command's data within the request.
+    offset: usize,
+    len: usize,
+    /// Offset of the first byte in the first page.
+    page_off: usize,
+    /// Data pages, then the PRP list page if one was needed.
+    pages: Vec<PageId>,
+    busy: bool,
+}
+
+struct Queue {
+    ctrl: Arc<Controller>,
+    qp: QueuePair,
+    pool: PagePool,
+    cmds: Vec<Cmd>,
+    pending: VecDeque<u32>,
+    max_transfer: usize,
+    /// Scratch space for one command's page IOVAs, allocated once.
+    iovas: Vec<u64>,
+    /// Set once the controller was found gone or fatally failed: all I/O fails with EIO.
+    dead: bool,
+}
+
+/// Counters for one context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextStats {
+    pub submitted: u64,
+    pub completed: u64,
+    pub commands: u64,
+    pub timeouts: u64,
+    /// Times a request had to wait for queue slots or bounce pages.
+    pub waits: u64,
+}
+
+/// An AIO context. Not shareable between threads (`&mut self`), which is what lets the I/O path
+/// run without locks; each thread that does I/O uses its own context, as with the kernel's AIO
+/// the fastest way to use it is.
+pub struct Context {
+    ring: Ring,
+    max_reqs: u32,
+    reqs: Vec<Request>,
+    free_reqs: Vec<u32>,
+    in_flight: u32,
+    queues: Vec<Queue>,
+    /// Descriptors seen recently: (fd, file, queue index).
+    files: Vec<(RawFd, Arc<NvmeFile>, u16)>,
+    epoch: u64,
+    opts: ContextOptions,
+    polls_since_check: u32,
+    stats: ContextStats,
+}
+
+impl Context {
+    /// `io_setup`: a context for up to `nr_events` requests in flight.
+    ///
+    /// Errors: EINVAL if `nr_events` is 0 or larger than [`MAX_NR_EVENTS`]; ENOMEM if the ring
+    /// cannot be allocated.
+    pub fn setup(nr_events: u32) -> Result<Context, Errno> {
+        Self::with_options(nr_events, ContextOptions::default())
+    }
+
+    pub fn with_options(nr_events: u32, opts: ContextOptions) -> Result<Context, Errno> {
+        if nr_events == 0 || nr_events > MAX_NR_EVENTS {
+            return Err(Errno(libc::EINVAL));
+        }
+        let ring = Ring::new(nr_events).map_err(|_| Errno(libc::ENOMEM))?;
+        let max_reqs = nr_events;
+        let mut reqs = Vec::new();
+        reqs.try_reserve_exact(max_reqs as usize).map_err(|_| Errno(libc::ENOMEM))?;
+        reqs.extend((0..max_reqs).map(|_| Request {
+            obj: 0,
+            data: 0,
+            kind: Kind::Read,
+            queue: 0,
+            nsid: 0,
+            block_shift: 9,
+            fua: false,
+            pos: 0,
+            total: 0,
+            issued: 0,
+            outstanding: 0,
+            res: 0,
+            resfd: -1,
+            deadline: Instant::now(),
+            segs: Vec::with_capacity(1),
+            active: false,
+        }));
+        Ok(Context {
+            ring,
+            max_reqs,
+            reqs,
+            free_reqs: (0..max_reqs).rev().collect(),
+            in_flight: 0,
+            queues: Vec::new(),
+            files: Vec::new(),
+            epoch: file::EPOCH.load(Ordering::Acquire),
+            opts,
+            polls_since_check: 0,
+            stats: ContextStats::default(),
+        })
+    }
+
+    /// The `aio_context_t` value: the address of the event ring.
+    pub fn id(&self) -> u64 {
+        self.ring.addr()
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    pub fn stats(&self) -> ContextStats {
+        self.stats
+    }
+
+    /// The NVMe queue statistics of each queue pair this context created.
+    pub fn queue_stats(&self) -> Vec<nvaio_nvme::queue::QueueStats> {
+        self.queues.iter().map(|q| q.qp.stats()).collect()
+    }
+
+    /// Finds the namespace and queue for a descriptor, creating the queue pair on the first
+    /// use of a controller. Only a miss touches the global table (a read lock).
+    fn resolve(&mut self, fd: RawFd) -> Result<usize, Errno> {
+        let epoch = file::EPOCH.load(Ordering::Acquire);
+        if epoch != self.epoch {
+            self.files.clear();
+            self.epoch = epoch;
+        }
+        if let Some(i) = self.files.iter().position(|(f, _, _)| *f == fd) {
+            return Ok(i);
+        }
+        let nf = file::lookup(fd).ok_or(Errno(libc::EBADF))?;
+        let q = match self.queues.iter().position(|q| Arc::ptr_eq(&q.ctrl, &nf.ctrl)) {
+            Some(q) => q,
+            None => self.add_queue(&nf.ctrl)?,
+        };
+        self.files.push((fd, nf, q as u16));
+        Ok(self.files.len() - 1)
+    }
+
+    fn add_queue(&mut self, ctrl: &Arc<Controller>) -> Result<usize, Errno> {
+        let entries = self
+            .opts
+            .queue_entries
+            .unwrap_or_else(|| (self.max_reqs.min(1023) + 1) as u16)
+            .clamp(2, ctrl.max_queue_entries());
+        let qp = ctrl.create_queue_pair(entries).map_err(|e| {
+            tracing::warn!("cannot create an I/O queue pair: {e}");
+            Errno(libc::EAGAIN)
+        })?;
+        let pool =
+            PagePool::new(ctrl.device().dma_mapper(), self.opts.bounce_initial, self.opts.bounce_max)
+                .map_err(|e| {
+                    tracing::warn!("cannot allocate bounce memory: {e}");
+                    Errno(libc::ENOMEM)
+                })?;
+        let max_transfer = ctrl.max_transfer();
+        let max_pages = prp::pages_spanned(PAGE_SIZE - 4, max_transfer) + 1;
+        let cmds = (0..qp.entries())
+            .map(|_| Cmd {
+                req: NONE,
+                offset: 0,
+                len: 0,
+                page_off: 0,
+                pages: Vec::with_capacity(max_pages),
+                busy: false,
+            })
+            .collect();
+        self.queues.push(Queue {
+            ctrl: ctrl.clone(),
+            qp,
+            pool,
+            cmds,
+            pending: VecDeque::with_capacity(self.max_reqs as usize),
+            max_transfer,
+            iovas: Vec::with_capacity(max_pages),
+            dead: false,
+        });
+        Ok(self.queues.len() - 1)
+    }
+
+    /// `io_submit`: queues the iocbs in order and returns how many were queued. If the first
+    /// one fails, its errno is returned; a later failure stops the batch there and the count so
+    /// far is returned. Queued requests complete through the ring, errors detected after
+    /// queueing (device errors, misaligned I/O) as events with a negative `res`.
+    ///
+    /// Errors: EAGAIN when the context already holds `nr_events` requests (in flight or
+    /// unreaped); EBADF for a descriptor nvaio does not own, or a read on a write-only one (and
+    /// the reverse); EINVAL for an unknown opcode, a reserved field that is not zero, a negative
+    /// offset, or too many iovecs; EOPNOTSUPP for unknown `aio_rw_flags`.
+    pub fn submit(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
+        let now = Instant::now();
+        let mut queued = 0;
+        let mut first_err = None;
+        for iocb in iocbs {
+            match self.submit_one(iocb, now) {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        for q in 0..self.queues.len() {
+            self.issue(q);
+            self.queues[q].qp.ring();
+        }
+        match (queued, first_err) {
+            (0, Some(e)) => Err(e),
+            _ => Ok(queued),
+        }
+    }
+
+    fn submit_one(&mut self, iocb: &Iocb, now: Instant) -> Result<(), Errno> {
+        if iocb.aio_reserved2 != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        // Slots: every request in flight and every unreaped event needs a ring slot.
+        if self.in_flight + self.ring.pending() >= self.max_reqs || self.free_reqs.is_empty() {
+            return Err(Errno(libc::EAGAIN));
+        }
+        if iocb.aio_rw_flags & !rwf::SUPPORTED != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let kind = match iocb.aio_lio_opcode {
+            opcode::PREAD | opcode::PREADV => Kind::Read,
+            opcode::PWRITE | opcode::PWRITEV => Kind::Write,
+            opcode::FSYNC | opcode::FDSYNC => Kind::Flush,
+            _ => return Err(Errno(libc::EINVAL)),
+        };
+        let fi = self.resolve(iocb.aio_fildes as i32)?;
+        let (access, nsid, block_size, size, q) = {
+            let (_, f, q) = &self.files[fi];
+            (f.access, f.ns.nsid, f.ns.block_size, f.ns.size_bytes(), *q)
+        };
+        match kind {
+            Kind::Read if !access.can_read() => return Err(Errno(libc::EBADF)),
+            Kind::Write if !access.can_write() => return Err(Errno(libc::EBADF)),
+            _ => {}
+        }
+        if kind != Kind::Flush && iocb.aio_offset < 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let resfd = if iocb.aio_flags & abi::IOCB_FLAG_RESFD != 0 {
+            iocb.aio_resfd as RawFd
+        } else {
+            -1
+        };
+
+        let r = self.free_reqs.pop().ok_or(Errno(libc::EAGAIN))?;
+        let req = &mut self.reqs[r as usize];
+        req.segs.clear();
+        // Import the buffer description now: the iovec array need not outlive io_submit.
+        let total = match iocb.aio_lio_opcode {
+            opcode::PREAD | opcode::PWRITE => {
+                let len = iocb.aio_nbytes.min(abi::MAX_RW_COUNT) as usize;
+                req.segs.push((iocb.aio_buf, len));
+                len
+            }
+            opcode::PREADV | opcode::PWRITEV => {
+                if iocb.aio_nbytes > abi::UIO_MAXIOV {
+                    self.free_reqs.push(r);
+                    return Err(Errno(libc::EINVAL));
+                }
+                let iov = iocb.aio_buf as *const libc::iovec;
+                if iov.is_null() && iocb.aio_nbytes > 0 {
+                    self.free_reqs.push(r);
+                    return Err(Errno(libc::EFAULT));
+                }
+                let mut total: u64 = 0;
+                for i in 0..iocb.aio_nbytes as usize {
+                    // SAFETY: the application promises `aio_nbytes` iovecs at `aio_buf`, as
+                    // with the kernel; a bad pointer faults here just as it would in libaio.
+                    let v = unsafe { iov.add(i).read_unaligned() };
+                    if v.iov_len as u64 > i64::MAX as u64 - total {
+                        self.free_reqs.push(r);
+                        return Err(Errno(libc::EINVAL));
+                    }
+                    // The kernel truncates a vector at MAX_RW_COUNT bytes.
+                    let take = (v.iov_len as u64).min(abi::MAX_RW_COUNT - total.min(abi::MAX_RW_COUNT));
+                    if take > 0 {
+                        req.segs.push((v.iov_base as u64, take as usize));
+                    }
+                    total += take;
+                }
+                total as usize
+            }
+            _ => 0,
+        };
+        req.obj = iocb as *const Iocb as u64;
+        req.data = iocb.aio_data;
+        req.kind = kind;
+        req.queue = q;
+        req.nsid = nsid;
+        req.block_shift = block_size.trailing_zeros();
+        req.fua = iocb.aio_rw_flags & (rwf::DSYNC | rwf::SYNC) != 0;
+        req.pos = iocb.aio_offset.max(0) as u64;
+        req.total = total;
+        req.issued = 0;
+        req.outstanding = 0;
+        req.res = 0;
+        req.resfd = resfd;
+        req.deadline = now + self.opts.command_timeout;
+        req.active = true;
+        self.in_flight += 1;
+        self.stats.submitted += 1;
+
+        // What a block device opened with O_DIRECT does with the same request (block/fops.c):
+        // these are reported as completions, not as io_submit errors.
+        if kind != Kind::Flush {
+            let mask = u64::from(block_size) - 1;
+            if (req.pos | total as u64) & mask != 0 {
+                self.finish(r, -i64::from(libc::EINVAL));
+                return Ok(());
+            }
+            if req.pos >= size {
+                let res = if kind == Kind::Read { 0 } else { -i64::from(libc::ENOSPC) };
+                self.finish(r, res);
+                return Ok(());
+            }
+            let req = &mut self.reqs[r as usize];
+            if req.pos + total as u64 > size {
+                // Truncated at the end of the device, like a short read or write.
+                req.total = (size - req.pos) as usize;
+                trim_segments(&mut req.segs, req.total);
+            }
+            if req.total == 0 {
+                self.finish(r, 0);
+                return Ok(());
+            }
+        }
+        if self.queues[usize::from(q)].dead {
+            self.finish(r, -i64::from(libc::EIO));
+            return Ok(());
+        }
+        self.queues[usize::from(q)].pending.push_back(r);
+        Ok(())
+    }
+
+    /// Turns pending requests of queue `q` into commands while slots and pages last.
+    fn issue(&mut self, q: usize) {
+        loop {
+            match self.issue_some(q) {
+                Issue::Blocked | Issue::Empty => return,
+                // A request that failed before reaching the device completes here, outside the
+                // borrow of the queue.
+                Issue::Failed(r) => self.finish(r, -i64::from(libc::EIO)),
+            }
+        }
+    }
+
+    fn issue_some(&mut self, q: usize) -> Issue {
+        let Queue { qp, pool, cmds, pending, max_transfer, iovas, .. } = &mut self.queues[q];
+        while let Some(&r) = pending.front() {
+            let req = &mut self.reqs[r as usize];
+            loop {
+                let flush = req.kind == Kind::Flush;
+                if (flush && req.outstanding > 0) || (!flush && req.issued >= req.total) {
+                    break;
+                }
+                let Some(slot) = qp.next_slot() else {
+                    self.stats.waits += 1;
+                    return Issue::Blocked;
+                };
+                let mut sqe;
+                let mut pages_needed = 0;
+                let (len, page_off) = if flush {
+                    sqe = Sqe::new(nvm::FLUSH, req.nsid);
+                    (0, 0)
+                } else {
+                    let len = (req.total - req.issued).min(*max_transfer);
+                    let addr = segment_addr(&req.segs, req.issued);
+                    // Mirror the buffer's offset within its page (dword aligned), so the
+                    // device sees the same PRP shapes as it would with zero-copy I/O.
+                    let page_off = (addr as usize) & (PAGE_SIZE - 1) & !3;
+                    let n = prp::pages_spanned(page_off, len);
+                    pages_needed = n + usize::from(prp::needs_list(n));
+                    if !pool.reserve(pages_needed) {
+                        self.stats.waits += 1;
+                        return Issue::Blocked;
+                    }
+                    let opc = if req.kind == Kind::Read { nvm::READ } else { nvm::WRITE };
+                    sqe = Sqe::new(opc, req.nsid);
+                    let slba = (req.pos + req.issued as u64) >> req.block_shift;
+                    sqe.cdw10 = slba as u32;
+                    sqe.cdw11 = (slba >> 32) as u32;
+                    let nlb_z = (len >> req.block_shift) as u32 - 1;
+                    sqe.cdw12 = nlb_z | if req.fua { RW_FUA } else { 0 };
+                    (len, page_off)
+                };
+                let cmd = &mut cmds[usize::from(slot)];
+                cmd.pages.clear();
+                if !flush {
+                    for _ in 0..pages_needed {
+                        // `reserve` guaranteed these.
+                        cmd.pages.push(pool.take().expect("reserved page"));
+                    }
+                    if req.kind == Kind::Write {
+                        copy_segments(pool, &cmd.pages, page_off, &req.segs, req.issued, len, true);
+                    }
+                    let n = prp::pages_spanned(page_off, len);
+                    let list = prp::needs_list(n).then(|| cmd.pages[n]);
+                    iovas.clear();
+                    iovas.extend(cmd.pages[..n].iter().map(|&p| pool.iova(p)));
+                    let list_iova = list.map(|l| pool.iova(l));
+                    let built = prp::build(iovas, page_off, len, list_iova, |i, iova| {
+                        if let Some(l) = list {
+                            pool.write_u64(l, i * 8, iova);
+                        }
+                    });
+                    match built {
+                        Ok((prp1, prp2)) => {
+                            sqe.prp1 = prp1;
+                            sqe.prp2 = prp2;
+                        }
+                        Err(e) => {
+                            // Unreachable by construction (dword-aligned offsets, page-aligned
+                            // pages, commands within one list page); if it ever happens it
+                            // fails the request, not the process.
+                            tracing::error!("PRP construction failed: {e}");
+                            for &p in cmd.pages.iter() {
+                                pool.put(p);
+                            }
+                            cmd.pages.clear();
+                            req.res = -i64::from(libc::EIO);
+                            req.issued = req.total;
+                            if req.outstanding == 0 {
+                                pending.pop_front();
+                                return Issue::Failed(r);
+                            }
+                            break;
+                        }
+                    }
+                }
+                cmd.req = r;
+                cmd.offset = req.issued;
+                cmd.len = len;
+                cmd.page_off = page_off;
+                cmd.busy = true;
+                let submitted = qp.submit(&mut sqe);
+                debug_assert_eq!(submitted, Some(slot));
+                req.issued += len;
+                req.outstanding += 1;
+                self.stats.commands += 1;
+                if flush {
+                    break;
+                }
+            }
+            pending.pop_front();
+        }
+        Issue::Empty
+    }
+
+    /// Reaps every queue's completions, issues what waits, and rings doorbells.
+    fn poll_queues(&mut self) -> usize {
+        let mut reaped = 0;
+        for q in 0..self.queues.len() {
+            reaped += self.reap(q);
+            if !self.queues[q].pending.is_empty() {
+                self.issue(q);
+                self.queues[q].qp.ring();
+            }
+        }
+        reaped
+    }
+
+    fn reap(&mut self, q: usize) -> usize {
+        let mut done = [NONE; 64];
+        let mut total = 0;
+        loop {
+            let mut n = 0;
+            let Queue { qp, pool, cmds, .. } = &mut self.queues[q];
+            let reqs = &mut self.reqs;
+            let reaped = qp.poll(done.len(), |c| {
+                let cmd = &mut cmds[usize::from(c.slot)];
+                let status = c.cqe.status();
+                if cmd.req != NONE {
+                    let req = &mut reqs[cmd.req as usize];
+                    if !status.is_success() {
+                        if req.res >= 0 {
+                            req.res = -i64::from(status_to_errno(status));
+                        }
+                    } else if req.kind == Kind::Read && req.res >= 0 {
+                        copy_segments(pool, &cmd.pages, cmd.page_off, &req.segs, cmd.offset, cmd.len, false);
+                    }
+                    req.outstanding -= 1;
+                    let fully_issued = if req.kind == Kind::Flush { true } else { req.issued >= req.total };
+                    if req.outstanding == 0 && fully_issued {
+                        done[n] = cmd.req;
+                        n += 1;
+                    }
+                }
+                for &p in &cmd.pages {
+                    pool.put(p);
+                }
+                cmd.pages.clear();
+                cmd.req = NONE;
+                cmd.busy = false;
+            });
+            for &r in &done[..n] {
+                let res = {
+                    let req = &self.reqs[r as usize];
+                    if req.res < 0 { req.res } else { req.total as i64 }
+                };
+                self.finish(r, res);
+            }
+            total += reaped;
+            if reaped < done.len() {
+                return total;
+            }
+        }
+    }
+
+    /// Completes request `r` with `res`: posts the event, signals its eventfd, frees it.
+    fn finish(&mut self, r: u32, res: i64) {
+        let req = &mut self.reqs[r as usize];
+        debug_assert!(req.active);
+        req.active = false;
+        let ev = IoEvent { data: req.data, obj: req.obj, res, res2: 0 };
+        let resfd = req.resfd;
+        if !self.ring.push(ev) {
+            // Only possible if the application wrote a bogus head into the ring.
+            tracing::warn!("event ring full: the application corrupted aio_ring.head");
+        }
+        if resfd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a local; a bad descriptor only makes write fail,
+            // which the kernel ignores too (eventfd_signal on a put file).
+            unsafe { libc::write(resfd, (&one as *const u64).cast(), 8) };
+        }
+        self.in_flight -= 1;
+        self.stats.completed += 1;
+        self.free_reqs.push(r);
+    }
+
+    /// `io_getevents`: waits until at least `min_nr` events are available (or `timeout`
+    /// passes), then moves up to `out.len()` of them into `out` and returns how many.
+    /// `timeout` None waits without limit; `Some(ZERO)` does not wait.
+    ///
+    /// Errors: EINVAL if `min_nr > out.len()`.
+    pub fn get_events(
+        &mut self,
+        min_nr: usize,
+        out: &mut [IoEvent],
+        timeout: Option<Duration>,
+    ) -> Result<usize, Errno> {
+        if min_nr > out.len() {
+            return Err(Errno(libc::EINVAL));
+        }
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let mut got = 0;
+        loop {
+            if self.in_flight > 0 {
+                self.poll_queues();
+            }
+            got += self.ring.pop_into(&mut out[got..]);
+            if got >= min_nr.max(1) || got == out.len() {
+                return Ok(got);
+            }
+            if got >= min_nr && deadline.is_some_and(|d| d <= start) {
+                return Ok(got);
+            }
+            let now_check = self.tick();
+            if let Some(d) = deadline {
+                if now_check.unwrap_or_else(Instant::now) >= d {
+                    return Ok(got);
+                }
+            }
+            if self.in_flight == 0 && self.ring.pending() == 0 {
+                // Nothing can arrive: no request is outstanding and this context is ours alone.
+                // Sleep out the timeout rather than spin (with no timeout the kernel would block
+                // for ever; so do we, but without burning a CPU).
+                match deadline {
+                    Some(d) => std::thread::sleep(d.saturating_duration_since(Instant::now())),
+                    None => std::thread::sleep(Duration::from_secs(3600)),
+                }
+                if min_nr == 0 {
+                    return Ok(got);
+                }
+                continue;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Every so often while waiting, checks deadlines and controller health. Returns the
+    /// current time when it read the clock.
+    fn tick(&mut self) -> Option<Instant> {
+        self.polls_since_check += 1;
+        if self.polls_since_check < 256 {
+            return None;
+        }
+        self.polls_since_check = 0;
+        let now = Instant::now();
+        self.expire(now);
+        Some(now)
+    }
+
+    fn expire(&mut self, now: Instant) {
+        for q in 0..self.queues.len() {
+            if !self.queues[q].dead {
+                if let Err(e) = self.queues[q].ctrl.health() {
+                    tracing::warn!("{e}; failing its I/O");
+                    self.queues[q].dead = true;
+                    self.fail_queue(q, -i64::from(libc::EIO));
+                }
+            }
+        }
+        for r in 0..self.reqs.len() as u32 {
+            let req = &self.reqs[r as usize];
+            if req.active && req.deadline <= now {
+                let q = usize::from(req.queue);
+                self.stats.timeouts += 1;
+                self.detach(q, r);
+                self.finish(r, -i64::from(libc::ETIMEDOUT));
+            }
+        }
+    }
+
+    /// Separates request `r` from its commands and from the pending list: the commands keep
+    /// their slots and pages until the device answers, but no longer refer to the request.
+    fn detach(&mut self, q: usize, r: u32) {
+        let queue = &mut self.queues[q];
+        for cmd in queue.cmds.iter_mut() {
+            if cmd.busy && cmd.req == r {
+                cmd.req = NONE;
+            }
+        }
+        queue.pending.retain(|&p| p != r);
+    }
+
+    fn fail_queue(&mut self, q: usize, res: i64) {
+        for r in 0..self.reqs.len() as u32 {
+            let req = &self.reqs[r as usize];
+            if req.active && usize::from(req.queue) == q {
+                self.detach(q, r);
+                self.finish(r, res);
+            }
+        }
+    }
+
+    /// `io_destroy`: waits for requests in flight (each bounded by the command timeout) and
+    /// releases everything: the queue pairs are deleted from their controllers.
+    pub fn destroy(mut self) {
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while self.in_flight > 0 {
+            self.poll_queues();
+            if let Some(now) = self.tick() {
+                self.expire(now);
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
+
+/// The address of byte `at` of a request's buffer.
+fn segment_addr(segs: &[(u64, usize)], mut at: usize) -> u64 {
+    for &(addr, len) in segs {
+        if at < len {
+            return addr + at as u64;
+        }
+        at -= len;
+    }
+    0
+}
+
+/// Shortens a buffer description to `total` bytes.
+fn trim_segments(segs: &mut Vec<(u64, usize)>, total: usize) {
+    let mut left = total;
+    let mut keep = 0;
+    for seg in segs.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        seg.1 = seg.1.min(left);
+        left -= seg.1;
+        keep += 1;
+    }
+    segs.truncate(keep);
+}
+
+/// Copies `len` bytes between request bytes `offset..` of the application's buffer and the
+/// command's bounce pages (starting `page_off` into the first page). `into_pages` selects the
+/// direction: true for writes, false for reads.
+fn copy_segments(
+    pool: &PagePool,
+    pages: &[PageId],
+    page_off: usize,
+    segs: &[(u64, usize)],
+    offset: usize,
+    len: usize,
+    into_pages: bool,
+) {
+    let mut skip = offset;
+    let mut done = 0;
+    for &(addr, seg_len) in segs {
+        if done == len {
+            break;
+        }
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let mut user = addr + skip as u64;
+        let mut avail = (seg_len - skip).min(len - done);
+        skip = 0;
+        while avail > 0 {
+            let pos = page_off + done;
+            let (page, in_page) = (pages[pos / PAGE_SIZE], pos % PAGE_SIZE);
+            let n = avail.min(PAGE_SIZE - in_page);
+            // SAFETY: the application promised the buffer valid for the request's lifetime, as
+            // with the kernel's AIO (a wild pointer faults, as it would in libaio).
+            unsafe {
+                if into_pages {
+                    pool.copy_in(page, in_page, user as *const u8, n)
+                } else {
+                    pool.copy_out(page, in_page, user as *mut u8, n)
+                }
+            }
+            user += n as u64;
+            avail -= n;
+            done += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments() {
+        let segs = vec![(1000u64, 10usize), (5000, 20), (9000, 5)];
+        assert_eq!(segment_addr(&segs, 0), 1000);
+        assert_eq!(segment_addr(&segs, 9), 1009);
+        assert_eq!(segment_addr(&segs, 10), 5000);
+        assert_eq!(segment_addr(&segs, 31), 9001);
+        let mut t = segs.clone();
+        trim_segments(&mut t, 15);
+        assert_eq!(t, vec![(1000, 10), (5000, 5)]);
+    }
+}

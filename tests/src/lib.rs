@@ -1,0 +1,3 @@
+//! Shared test cases for nvaio's integration tests; see `cases`.
+
+pub mod cases;
