@@ -12,6 +12,8 @@
 pub mod iova;
 pub mod mmio;
 pub mod region;
+pub mod soft;
+pub mod sysfs;
 pub mod vfio;
 
 pub use iova::IovaAllocator;
