@@ -137,9 +137,12 @@ ensure_guest_kernel() {
     mkdir -p "$tmp/x"
     dpkg-deb -x "$deb" "$tmp/x" || { rm -rf "$tmp"; ci_die "dpkg-deb -x $deb failed"; }
     touch "$tmp/x/.complete"
-    # Replace atomically-enough: a half-unpacked folder never carries .complete.
-    rm -rf "$dir"
-    mv "$tmp/x" "$dir"
+    # The rename is atomic, so the folder never exists half-unpacked; if a concurrent run got
+    # there first, its copy is as good as ours.
+    if ! mv -T "$tmp/x" "$dir" 2>/dev/null && [[ ! -f $dir/.complete ]]; then
+      rm -rf "$tmp"
+      ci_die "cannot move the unpacked kernel to $dir"
+    fi
     rm -rf "$tmp"
     # Older kernels are dead weight once a newer one is unpacked.
     find "$CI_CACHE/kernel" -mindepth 1 -maxdepth 1 -type d -name 'linux-image-*' \
