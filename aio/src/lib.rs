@@ -14,6 +14,8 @@ pub mod abi;
 pub mod context;
 pub mod errno;
 pub mod file;
+mod kernel;
+pub mod limits;
 mod pool;
 mod ring;
 

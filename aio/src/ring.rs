@@ -27,10 +27,9 @@ pub struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// Maps a ring with at least `min_events` usable slots (one slot always stays empty, so
-    /// `nr` = usable + 1), rounded up to fill whole pages as the kernel does.
-    pub fn new(min_events: u32) -> std::io::Result<Ring> {
-        let want = HEADER + (min_events as usize + 1) * EVENT;
+    /// Maps a ring of `nr` slots (see `limits::setup` for how many), page-rounded.
+    pub fn new(nr: u32) -> std::io::Result<Ring> {
+        let want = HEADER + nr as usize * EVENT;
         let len = want.div_ceil(4096) * 4096;
         // SAFETY: an anonymous private mapping of fresh pages; checked below.
         let addr = unsafe {
@@ -81,12 +80,12 @@ impl Ring {
         unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().cast::<u32>().add(index)) }
     }
 
-    fn head(&self) -> u32 {
+    pub fn head(&self) -> u32 {
         // Acquire pairs with the application's store after it has copied the events out.
         self.word(2).load(Ordering::Acquire) % self.nr
     }
 
-    fn tail(&self) -> u32 {
+    pub fn tail(&self) -> u32 {
         self.word(3).load(Ordering::Relaxed) % self.nr
     }
 
@@ -149,7 +148,7 @@ mod tests {
 
     #[test]
     fn header_and_wrap() {
-        let mut ring = Ring::new(4).unwrap();
+        let mut ring = Ring::new(127).unwrap();
         // One page: (4096 - 32) / 32 = 127 slots.
         assert_eq!(ring.nr(), 127);
         // SAFETY: reading the header we just wrote, no concurrent writer in this test.

@@ -83,10 +83,7 @@ impl SoftIommu {
 
     /// How many mappings are live (a test for leaked DMA memory checks it returns to zero).
     pub fn mappings(&self) -> usize {
-        self.table
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.table.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Whether `iova..iova + len` lies inside one live mapping.
@@ -183,14 +180,8 @@ impl DmaMapper for SoftIommu {
             .unwrap_or_else(PoisonError::into_inner)
             .alloc(len as u64)
             .ok_or(DmaError::IovaExhausted { len })?;
-        let mapping = Mapping {
-            vaddr: vaddr as usize,
-            len,
-        };
-        self.table
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(iova, mapping);
+        let mapping = Mapping { vaddr: vaddr as usize, len };
+        self.table.write().unwrap_or_else(PoisonError::into_inner).insert(iova, mapping);
         Ok(iova)
     }
 
@@ -200,16 +191,9 @@ impl DmaMapper for SoftIommu {
             Some(m) if m.len == len => {
                 table.remove(&iova);
                 drop(table);
-                self.iova
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .free(iova, len as u64);
+                self.iova.lock().unwrap_or_else(PoisonError::into_inner).free(iova, len as u64);
             }
-            _ => tracing::warn!(
-                iova,
-                len,
-                "soft IOMMU: unmap of a range that is not a mapping"
-            ),
+            _ => tracing::warn!(iova, len, "soft IOMMU: unmap of a range that is not a mapping"),
         }
     }
 }
@@ -242,14 +226,12 @@ mod tests {
         // CPU writes, device reads, across the page boundary inside the one mapping.
         region.write_bytes(PAGE_SIZE - 3, &[1, 2, 3, 4, 5, 6]);
         let mut got = [0u8; 6];
-        mmu.read(region.iova() + PAGE_SIZE as u64 - 3, &mut got)
-            .unwrap();
+        mmu.read(region.iova() + PAGE_SIZE as u64 - 3, &mut got).unwrap();
         assert_eq!(got, [1, 2, 3, 4, 5, 6]);
 
         region.write_u32(8, 0xdead_beef);
         assert_eq!(mmu.read_u32(region.iova() + 8).unwrap(), 0xdead_beef);
-        mmu.write_u64(region.iova() + 16, 0x0123_4567_89ab_cdef)
-            .unwrap();
+        mmu.write_u64(region.iova() + 16, 0x0123_4567_89ab_cdef).unwrap();
         assert_eq!(region.read_u64(16), 0x0123_4567_89ab_cdef);
         mmu.write_u32(region.iova() + 24, 7).unwrap();
         assert_eq!(mmu.read_u64(region.iova() + 24).unwrap(), 7);
@@ -271,11 +253,7 @@ mod tests {
         // Running off the end of a mapping, even when the next IOVA is mapped too: an access
         // must lie inside one mapping.
         let end = a.iova() + PAGE_SIZE as u64;
-        assert_eq!(
-            b.iova(),
-            end,
-            "first fit puts the second region right after the first"
-        );
+        assert_eq!(b.iova(), end, "first fit puts the second region right after the first");
         assert!(mmu.read(end - 8, &mut buf).is_err());
         assert!(mmu.write(end - 8, &buf).is_err());
         // Overflowing the address space.
@@ -323,8 +301,7 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 for i in 0..2000u32 {
-                    mmu.write_u32(keep_iova + 4 * u64::from(i % 1024), i)
-                        .unwrap();
+                    mmu.write_u32(keep_iova + 4 * u64::from(i % 1024), i).unwrap();
                 }
             });
             s.spawn(|| {

@@ -52,7 +52,16 @@ impl Device for VfioDevice {
     }
 
     fn enable_interrupts(&self, nvec: u32) -> io::Result<Vec<EventFd>> {
-        self.pci.enable_msix(nvec).map_err(io::Error::other)
+        self.pci.enable_msix(nvec).map_err(|e| {
+            // Keep the errno of a failed ioctl; describe the rest.
+            let errno = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<io::Error>())
+                .and_then(io::Error::raw_os_error);
+            match errno {
+                Some(code) => io::Error::new(io::Error::from_raw_os_error(code).kind(), e),
+                None => io::Error::other(e),
+            }
+        })
     }
 
     fn disable_interrupts(&self) {

@@ -180,9 +180,16 @@ pub mod cns {
 
 /// Feature identifiers (figure 317).
 pub mod feature {
+    pub const VOLATILE_WRITE_CACHE: u32 = 0x06;
     pub const NUMBER_OF_QUEUES: u32 = 0x07;
     pub const INTERRUPT_COALESCING: u32 = 0x08;
     pub const ASYNC_EVENT_CONFIG: u32 = 0x0b;
+}
+
+/// Log page identifiers (Base Specification 2.0, §5.16).
+pub mod log_page {
+    pub const ERROR_INFORMATION: u8 = 0x01;
+    pub const SMART_HEALTH: u8 = 0x02;
 }
 
 /// CDW12 bit 30 of a read or write: Force Unit Access.

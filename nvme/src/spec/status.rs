@@ -25,6 +25,7 @@ pub mod generic {
     pub const ABORT_REQUESTED: u8 = 0x07;
     pub const SQ_DELETED: u8 = 0x08;
     pub const INVALID_NAMESPACE: u8 = 0x0b;
+    pub const COMMAND_SEQUENCE_ERROR: u8 = 0x0c;
     pub const PRP_OFFSET_INVALID: u8 = 0x13;
     pub const NS_NOT_READY: u8 = 0x82;
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
@@ -33,11 +34,15 @@ pub mod generic {
 
 /// Command specific status codes used by nvaio (figure 95).
 pub mod command_specific {
+    pub const COMPLETION_QUEUE_INVALID: u8 = 0x00;
     pub const INVALID_QUEUE_ID: u8 = 0x01;
     pub const INVALID_QUEUE_SIZE: u8 = 0x02;
     pub const ABORT_LIMIT_EXCEEDED: u8 = 0x03;
     pub const ASYNC_EVENT_LIMIT_EXCEEDED: u8 = 0x05;
     pub const INVALID_INTERRUPT_VECTOR: u8 = 0x08;
+    pub const INVALID_LOG_PAGE: u8 = 0x09;
+    pub const INVALID_QUEUE_DELETION: u8 = 0x0c;
+    pub const FEATURE_NOT_SAVEABLE: u8 = 0x0d;
     pub const ATTEMPTED_WRITE_TO_READ_ONLY: u8 = 0x82;
 }
 
