@@ -1,0 +1,269 @@
+//! The whole stack (AIO context, driver) against nvaio's in-process emulated controller: the
+//! shared cases on several device configurations, then misbehaving devices. Runs on any host.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvaio::{Access, Context, ContextOptions, IoEvent, Iocb};
+use nvaio_nvme::emu::{EmuConfig, EmuNamespace, EmulatedController, FaultAction, FaultRule};
+use nvaio_nvme::spec::cmd::nvm;
+use nvaio_nvme::spec::status::{sct, Status};
+use nvaio_nvme::{Controller, Device};
+use nvaio_tests::cases::{run_all, Target};
+
+fn controller(cfg: EmuConfig) -> (Arc<EmulatedController>, Arc<Controller>) {
+    let emu = EmulatedController::new(cfg);
+    let dev: Arc<dyn Device> = emu.clone();
+    let ctrl = Controller::new(dev).expect("the emulated controller comes up");
+    (emu, ctrl)
+}
+
+fn run_cases(cfg: EmuConfig) {
+    let lba = 1u32 << cfg.namespaces[0].lba_shift;
+    let nns = cfg.namespaces.len();
+    let size = cfg.namespaces[0].bytes();
+    let serial = cfg.serial.clone();
+    let (_emu, ctrl) = controller(cfg);
+    let t = Target {
+        ctrl,
+        expect_lba: Some(lba),
+        expect_namespaces: Some(nns),
+        expect_size: Some(size),
+        expect_serial: Some(serial),
+    };
+    let (passed, failed) = run_all("emu/", &t, None);
+    assert_eq!(failed, 0, "{failed} shared cases failed (see the FAIL lines above)");
+    assert!(passed >= 10, "only {passed} cases ran");
+}
+
+#[test]
+fn cases_512b_mdts5() {
+    run_cases(EmuConfig::default());
+}
+
+#[test]
+fn cases_4k_mdts3_two_namespaces() {
+    run_cases(EmuConfig {
+        mdts: 3,
+        namespaces: vec![
+            EmuNamespace { blocks: 16384, lba_shift: 12 },
+            EmuNamespace { blocks: 16384, lba_shift: 12 },
+        ],
+        ..EmuConfig::default()
+    });
+}
+
+#[test]
+fn cases_unlimited_mdts_slow_ready_wide_doorbells() {
+    run_cases(EmuConfig {
+        mdts: 0,
+        dstrd: 2,
+        ready_delay_reads: 5,
+        mqes_z: 63,
+        namespaces: vec![EmuNamespace { blocks: 32768, lba_shift: 12 }],
+        ..EmuConfig::default()
+    });
+}
+
+/// A context with one namespace open read-write and a short command timeout.
+struct Rig {
+    emu: Arc<EmulatedController>,
+    ctrl: Arc<Controller>,
+    fd: i32,
+    ctx: Context,
+    buf: Vec<u8>,
+}
+
+impl Rig {
+    fn new(cfg: EmuConfig, timeout: Duration) -> Rig {
+        let (emu, ctrl) = controller(cfg);
+        let fd = nvaio::open_on(ctrl.clone(), 1, Access::ReadWrite).unwrap();
+        let opts = ContextOptions { command_timeout: timeout, ..Default::default() };
+        let ctx = Context::with_options(16, opts).unwrap();
+        Rig { emu, ctrl, fd, ctx, buf: vec![0u8; 1 << 20] }
+    }
+
+    fn read_iocb(&mut self, lba: u64) -> Iocb {
+        Iocb::pread(self.fd, self.buf.as_mut_ptr(), 512, (lba * 512) as i64)
+    }
+
+    fn wait(&mut self, n: usize, limit: Duration) -> Vec<IoEvent> {
+        let mut out = vec![IoEvent::default(); n];
+        let got = self.ctx.get_events(n, &mut out, Some(limit)).unwrap();
+        out.truncate(got);
+        out
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = nvaio::close(self.fd);
+    }
+}
+
+#[test]
+fn media_error_fails_only_that_read_with_enodata() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(10));
+    let status = Status::new(sct::MEDIA, 0x81).with_dnr();
+    rig.emu.inject(FaultRule::new(FaultAction::Fail(status)).opcode(nvm::READ).lbas(100..101));
+    let bad = rig.read_iocb(100);
+    let good = rig.read_iocb(300);
+    assert_eq!(rig.ctx.submit(&[&bad, &good]), Ok(2));
+    let mut evs = rig.wait(2, Duration::from_secs(5));
+    evs.sort_by_key(|e| e.obj != &bad as *const Iocb as u64);
+    assert_eq!(evs.len(), 2);
+    assert_eq!(evs[0].res, -i64::from(libc::ENODATA));
+    assert_eq!(evs[1].res, 512);
+}
+
+#[test]
+fn lost_command_times_out_and_the_queue_goes_on() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_millis(200));
+    rig.emu.inject(FaultRule::new(FaultAction::Drop).opcode(nvm::READ).times(1));
+    let lost = rig.read_iocb(5);
+    assert_eq!(rig.ctx.submit(&[&lost]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs.len(), 1, "the lost read must complete by its deadline");
+    assert_eq!(evs[0].res, -i64::from(libc::ETIMEDOUT));
+    assert_eq!(rig.ctx.stats().timeouts, 1);
+    // The next read works; the lost command keeps its slot, which nothing reuses.
+    let next = rig.read_iocb(6);
+    assert_eq!(rig.ctx.submit(&[&next]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs[0].res, 512);
+}
+
+#[test]
+fn bogus_and_duplicate_completions_are_counted_not_delivered() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_millis(300));
+    rig.emu.inject(FaultRule::new(FaultAction::Duplicate).opcode(nvm::READ).times(1));
+    let a = rig.read_iocb(1);
+    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs[0].res, 512);
+    rig.emu.inject(FaultRule::new(FaultAction::WrongCid(0x0abc)).opcode(nvm::READ).times(1));
+    let b = rig.read_iocb(2);
+    assert_eq!(rig.ctx.submit(&[&b]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs[0].res, -i64::from(libc::ETIMEDOUT));
+    // Exactly one event per request: nothing extra appears.
+    let c = rig.read_iocb(3);
+    assert_eq!(rig.ctx.submit(&[&c]), Ok(1));
+    let evs = rig.wait(4, Duration::from_millis(500));
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].obj, &c as *const Iocb as u64);
+    let qs = rig.ctx.queue_stats();
+    assert_eq!(qs[0].bogus_cids, 2, "the duplicate and the invented CID");
+}
+
+#[test]
+fn cancel_of_a_held_command_aborts_it() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(10));
+    rig.emu.inject(FaultRule::new(FaultAction::Hold).opcode(nvm::READ));
+    let a = rig.read_iocb(7);
+    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.emu.held(), 1);
+    assert_eq!(rig.ctx.cancel(&a), Err(nvaio::Errno(libc::EINPROGRESS)));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].res, -i64::from(libc::ECANCELED));
+    assert_eq!(evs[0].obj, &a as *const Iocb as u64);
+    assert_eq!(rig.ctx.stats().aborts_sent, 1);
+    // Not in flight any more.
+    assert_eq!(rig.ctx.cancel(&a), Err(nvaio::Errno(libc::EINVAL)));
+}
+
+#[test]
+fn cancel_declined_by_the_controller_delivers_the_real_result() {
+    let cfg = EmuConfig { decline_aborts: true, ..EmuConfig::default() };
+    let mut rig = Rig::new(cfg, Duration::from_secs(10));
+    rig.emu.namespace_write(1, 8 * 512, &[0x5a; 512]);
+    rig.emu.inject(FaultRule::new(FaultAction::Hold).opcode(nvm::READ));
+    let a = rig.read_iocb(8);
+    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.ctx.cancel(&a), Err(nvaio::Errno(libc::EINPROGRESS)));
+    assert_eq!(rig.emu.release_held(), 1);
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs[0].res, 512);
+    assert!(rig.buf[..512].iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn a_vanished_controller_fails_io_with_eio_before_the_timeout() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(60));
+    rig.emu.inject(FaultRule::new(FaultAction::Vanish).opcode(nvm::READ));
+    let a = rig.read_iocb(9);
+    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs.len(), 1, "no event within 5 s of the device vanishing");
+    assert_eq!(evs[0].res, -i64::from(libc::EIO));
+    // Later I/O on the dead controller fails at once, as an event.
+    let b = rig.read_iocb(10);
+    assert_eq!(rig.ctx.submit(&[&b]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(1));
+    assert_eq!(evs[0].res, -i64::from(libc::EIO));
+    assert!(rig.ctrl.health().is_err());
+}
+
+#[test]
+fn a_fatal_controller_fails_io_with_eio() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(60));
+    // qid 1: opcode 0x01 on the admin queue would be Create I/O SQ.
+    rig.emu.inject(FaultRule::new(FaultAction::Fatal).qid(1).opcode(nvm::WRITE));
+    let data = vec![1u8; 512];
+    let w = Iocb::pwrite(rig.fd, data.as_ptr(), 512, 0);
+    assert_eq!(rig.ctx.submit(&[&w]), Ok(1));
+    let evs = rig.wait(1, Duration::from_secs(5));
+    assert_eq!(evs[0].res, -i64::from(libc::EIO));
+}
+
+#[test]
+fn one_doorbell_per_submit_batch() {
+    let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(10));
+    let before = rig.emu.stats().sq_doorbells[1];
+    let base = rig.buf.as_mut_ptr();
+    let iocbs: Vec<Iocb> =
+        (0..12).map(|i| Iocb::pread(rig.fd, base.wrapping_add(i * 512), 512, (i * 512) as i64)).collect();
+    let refs: Vec<&Iocb> = iocbs.iter().collect();
+    assert_eq!(rig.ctx.submit(&refs), Ok(12));
+    assert_eq!(rig.emu.stats().sq_doorbells[1] - before, 1, "12 reads, one SQ doorbell");
+    let evs = rig.wait(12, Duration::from_secs(5));
+    assert_eq!(evs.len(), 12);
+    assert!(evs.iter().all(|e| e.res == 512));
+}
+
+#[test]
+fn a_controller_that_never_gets_ready_is_a_timeout_error() {
+    let cfg = EmuConfig { ready_delay_reads: u32::MAX, cap_to: 1, ..EmuConfig::default() };
+    let emu = EmulatedController::new(cfg);
+    let dev: Arc<dyn Device> = emu;
+    let start = std::time::Instant::now();
+    let err = Controller::new(dev).expect_err("never ready");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn data_written_reaches_the_medium_at_the_right_place() {
+    let cfg = EmuConfig {
+        mdts: 1,
+        namespaces: vec![EmuNamespace { blocks: 8192, lba_shift: 12 }],
+        ..EmuConfig::default()
+    };
+    let (emu, ctrl) = controller(cfg);
+    let fd = nvaio::open_on(ctrl, 1, Access::ReadWrite).unwrap();
+    let mut ctx = Context::setup(8).unwrap();
+    // 40 KiB through 8 KiB commands, from a buffer 4 bytes past a page boundary.
+    let mut raw = vec![0u8; 48 << 10];
+    let off = (4096 - raw.as_ptr() as usize % 4096) % 4096 + 4;
+    let data: Vec<u8> = (0..40 << 10).map(|i: u32| (i * 7 % 251) as u8).collect();
+    raw[off..off + data.len()].copy_from_slice(&data);
+    let w = Iocb::pwrite(fd, raw[off..].as_ptr(), data.len(), 3 * 4096);
+    assert_eq!(ctx.submit(&[&w]), Ok(1));
+    let mut ev = [IoEvent::default()];
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
+    assert_eq!(ev[0].res, data.len() as i64);
+    assert_eq!(emu.namespace_read(1, 3 * 4096, data.len()), data);
+    assert_eq!(emu.stats().io(nvm::WRITE), 5, "40 KiB in 8 KiB commands");
+    nvaio::close(fd).unwrap();
+}
