@@ -73,6 +73,9 @@ impl Default for ContextOptions {
 
 const NONE: u32 = u32::MAX;
 
+/// How often a waiting context checks request deadlines and controller health.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_millis(5);
+
 /// How far one pass of issuing got.
 enum Issue {
     /// Nothing left pending.
@@ -182,6 +185,7 @@ pub struct Context {
     epoch: u64,
     opts: ContextOptions,
     polls_since_check: u32,
+    next_expiry_check: Instant,
     stats: ContextStats,
 }
 
@@ -238,6 +242,7 @@ impl Context {
             epoch: file::EPOCH.load(Ordering::Acquire),
             opts,
             polls_since_check: 0,
+            next_expiry_check: Instant::now(),
             stats: ContextStats::default(),
         })
     }
@@ -802,7 +807,12 @@ impl Context {
         }
         self.polls_since_check = 0;
         let now = Instant::now();
-        self.expire(now);
+        if now >= self.next_expiry_check {
+            // Deadlines are seconds long; looking every few milliseconds is plenty, and keeps the
+            // scan of the request table and the CSTS read off the polling loop.
+            self.next_expiry_check = now + EXPIRY_CHECK_INTERVAL;
+            self.expire(now);
+        }
         Some(now)
     }
 
@@ -920,9 +930,8 @@ impl Context {
     fn drain(&mut self) {
         while self.in_flight > 0 {
             self.poll_queues();
-            if let Some(now) = self.tick() {
-                self.expire(now);
-            }
+            // Deadlines and health are checked inside; every request ends by its deadline.
+            self.tick();
             std::hint::spin_loop();
         }
     }

@@ -11,6 +11,7 @@
 //! polling, no lock, no allocation per request. Data moves through DMA bounce pages.
 
 pub mod abi;
+pub mod capi;
 pub mod context;
 pub mod errno;
 pub mod file;
