@@ -82,8 +82,8 @@ enum Issue {
     Empty,
     /// Out of queue slots or bounce pages: the rest waits for completions.
     Blocked,
-    /// This request failed before reaching the device and must be completed.
-    Failed(u32),
+    /// This request ended before reaching the device and must be completed with this result.
+    Failed(u32, i64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +106,8 @@ struct Request {
     nsid: u32,
     block_shift: u32,
     fua: bool,
+    /// RWF_NOWAIT: fail with -EAGAIN rather than wait for queue slots or bounce pages.
+    nowait: bool,
     /// Byte position on the namespace.
     pos: u64,
     total: usize,
@@ -217,6 +219,7 @@ impl Context {
             nsid: 0,
             block_shift: 9,
             fua: false,
+            nowait: false,
             pos: 0,
             total: 0,
             issued: 0,
@@ -476,6 +479,7 @@ impl Context {
         req.nsid = nsid;
         req.block_shift = block_size.trailing_zeros();
         req.fua = iocb.aio_rw_flags & (rwf::DSYNC | rwf::SYNC) != 0;
+        req.nowait = iocb.aio_rw_flags & rwf::NOWAIT != 0;
         req.pos = iocb.aio_offset.max(0) as u64;
         req.total = total;
         if kind != Kind::Flush {
@@ -484,11 +488,17 @@ impl Context {
                 return Ok(());
             }
         }
-        if self.queues[usize::from(q)].dead {
+        let queue = &mut self.queues[usize::from(q)];
+        if queue.dead {
             self.finish(r, -i64::from(libc::EIO));
             return Ok(());
         }
-        self.queues[usize::from(q)].pending.push_back(r);
+        if self.reqs[r as usize].nowait && !queue.pending.is_empty() {
+            // Others already wait for resources, so this one would too.
+            self.finish(r, -i64::from(libc::EAGAIN));
+            return Ok(());
+        }
+        queue.pending.push_back(r);
         Ok(())
     }
 
@@ -530,7 +540,7 @@ impl Context {
                 Issue::Blocked | Issue::Empty => return,
                 // A request that failed before reaching the device completes here, outside the
                 // borrow of the queue.
-                Issue::Failed(r) => self.finish(r, -i64::from(libc::EIO)),
+                Issue::Failed(r, res) => self.finish(r, res),
             }
         }
     }
@@ -544,8 +554,15 @@ impl Context {
                 if (flush && req.outstanding > 0) || (!flush && req.issued >= req.total) {
                     break;
                 }
+                // RWF_NOWAIT: a request that would have to wait for resources fails with
+                // -EAGAIN instead, as the block layer does when it cannot get a tag at once.
+                let would_wait = |req: &Request| req.nowait && req.issued == 0;
                 let Some(slot) = qp.next_slot() else {
                     self.stats.waits += 1;
+                    if would_wait(req) {
+                        pending.pop_front();
+                        return Issue::Failed(r, -i64::from(libc::EAGAIN));
+                    }
                     return Issue::Blocked;
                 };
                 let mut sqe;
@@ -563,6 +580,10 @@ impl Context {
                     pages_needed = n + usize::from(prp::needs_list(n));
                     if !pool.reserve(pages_needed) {
                         self.stats.waits += 1;
+                        if would_wait(req) {
+                            pending.pop_front();
+                            return Issue::Failed(r, -i64::from(libc::EAGAIN));
+                        }
                         return Issue::Blocked;
                     }
                     let opc = if req.kind == Kind::Read { nvm::READ } else { nvm::WRITE };
@@ -612,7 +633,7 @@ impl Context {
                             req.issued = req.total;
                             if req.outstanding == 0 {
                                 pending.pop_front();
-                                return Issue::Failed(r);
+                                return Issue::Failed(r, -i64::from(libc::EIO));
                             }
                             break;
                         }

@@ -267,3 +267,107 @@ fn data_written_reaches_the_medium_at_the_right_place() {
     assert_eq!(emu.stats().io(nvm::WRITE), 5, "40 KiB in 8 KiB commands");
     nvaio::close(fd).unwrap();
 }
+
+#[test]
+fn nowait_fails_with_eagain_instead_of_waiting() {
+    let (emu, ctrl) = controller(EmuConfig::default());
+    let fd = nvaio::open_on(ctrl, 1, Access::ReadWrite).unwrap();
+    // A queue of 2 entries has one usable slot.
+    let opts = ContextOptions { queue_entries: Some(2), ..Default::default() };
+    let mut ctx = Context::with_options(8, opts).unwrap();
+    emu.inject(FaultRule::new(FaultAction::Hold).qid(1).opcode(nvm::READ));
+    let mut buf = vec![0u8; 4096];
+    let first = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
+    let mut second = Iocb::pread(fd, buf[1024..].as_mut_ptr(), 512, 512);
+    second.aio_rw_flags = nvaio::abi::rwf::NOWAIT;
+    assert_eq!(ctx.submit(&[&first, &second]), Ok(2));
+    let mut ev = [IoEvent::default(); 2];
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(2))), Ok(1));
+    assert_eq!(ev[0].obj, &second as *const Iocb as u64);
+    assert_eq!(ev[0].res, -i64::from(libc::EAGAIN));
+    emu.clear_faults();
+    assert_eq!(emu.release_held(), 1);
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(2))), Ok(1));
+    assert_eq!(ev[0].res, 512);
+    nvaio::close(fd).unwrap();
+}
+
+#[test]
+fn submit_time_checks_match_the_kernel() {
+    let (_emu, ctrl) = controller(EmuConfig::default());
+    let fd = nvaio::open_on(ctrl, 1, Access::ReadWrite).unwrap();
+    let mut ctx = Context::setup(8).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let base = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
+    let einval = Err(nvaio::Errno(libc::EINVAL));
+    // POLL on a block device answers at once with the default mask bits asked for.
+    let poll = Iocb { aio_lio_opcode: nvaio::abi::opcode::POLL, aio_buf: libc::POLLIN as u64, ..base };
+    let poll = Iocb { aio_nbytes: 0, ..poll };
+    assert_eq!(ctx.submit(&[&poll]), Ok(1));
+    let mut ev = [IoEvent::default(); 1];
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(1))), Ok(1));
+    assert_eq!(ev[0].res, i64::from(libc::POLLIN));
+    let poll_pri = Iocb { aio_buf: libc::POLLPRI as u64, ..poll };
+    assert_eq!(ctx.submit(&[&poll_pri]), einval);
+    // NOOP is not an operation the kernel's AIO performs.
+    let noop = Iocb { aio_lio_opcode: nvaio::abi::opcode::NOOP, ..base };
+    assert_eq!(ctx.submit(&[&noop]), einval);
+    // fsync takes no buffer, offset, length or flags.
+    let fsync = Iocb { aio_offset: 512, ..Iocb::fsync(fd) };
+    assert_eq!(ctx.submit(&[&fsync]), einval);
+    // Unknown rw flags: EOPNOTSUPP; bad priorities: EINVAL.
+    let flags = Iocb { aio_rw_flags: 0x100, ..base };
+    assert_eq!(ctx.submit(&[&flags]), Err(nvaio::Errno(libc::EOPNOTSUPP)));
+    let prio = Iocb { aio_flags: nvaio::abi::IOCB_FLAG_IOPRIO, aio_reqprio: (2 << 13) | 9, ..base };
+    assert_eq!(ctx.submit(&[&prio]), einval);
+    let prio_ok = Iocb { aio_reqprio: (2 << 13) | 3, ..prio };
+    assert_eq!(ctx.submit(&[&prio_ok]), Ok(1));
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(1))), Ok(1));
+    // A result eventfd that is not an eventfd, or not open.
+    let not_efd = Iocb { aio_flags: nvaio::abi::IOCB_FLAG_RESFD, aio_resfd: 1, ..base };
+    assert_eq!(ctx.submit(&[&not_efd]), einval);
+    let closed = Iocb { aio_resfd: 9999, ..not_efd };
+    assert_eq!(ctx.submit(&[&closed]), Err(nvaio::Errno(libc::EBADF)));
+    // Negative sizes and offsets, kernel addresses.
+    let neg = Iocb { aio_nbytes: u64::MAX, ..base };
+    assert_eq!(ctx.submit(&[&neg]), einval);
+    let neg_off = Iocb { aio_offset: -512, ..base };
+    assert_eq!(ctx.submit(&[&neg_off]), einval);
+    let kaddr = Iocb { aio_buf: 0xffff_8000_0000_0000, ..base };
+    assert_eq!(ctx.submit(&[&kaddr]), Err(nvaio::Errno(libc::EFAULT)));
+    nvaio::close(fd).unwrap();
+}
+
+#[test]
+fn one_context_serves_a_namespace_and_a_regular_file() {
+    let (emu, ctrl) = controller(EmuConfig::default());
+    let fd = nvaio::open_on(ctrl, 1, Access::ReadWrite).unwrap();
+    emu.namespace_write(1, 0, &[0xab; 512]);
+    let path = std::env::temp_dir().join(format!("nvaio-mixed-{}", std::process::id()));
+    std::fs::write(&path, [0xcd; 512]).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let ffd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut ctx = Context::setup(8).unwrap();
+    let mut a = vec![0u8; 512];
+    let mut b = vec![0u8; 512];
+    let on_nvme = Iocb::pread(fd, a.as_mut_ptr(), 512, 0).with_data(1);
+    let on_file = Iocb::pread(ffd, b.as_mut_ptr(), 512, 0).with_data(2);
+    assert_eq!(ctx.submit(&[&on_nvme, &on_file]), Ok(2));
+    let mut evs = [IoEvent::default(); 2];
+    let mut got = 0;
+    while got < 2 {
+        got += ctx.get_events(1, &mut evs[got..], Some(Duration::from_secs(5))).unwrap();
+    }
+    evs.sort_by_key(|e| e.data);
+    assert_eq!((evs[0].data, evs[0].res), (1, 512));
+    assert_eq!((evs[1].data, evs[1].res), (2, 512));
+    assert_eq!(evs[1].obj, &on_file as *const Iocb as u64);
+    assert!(a.iter().all(|&x| x == 0xab));
+    assert!(b.iter().all(|&x| x == 0xcd));
+    // The kernel's own checks apply to the file: writing a read-only file is EBADF.
+    let w = Iocb::pwrite(ffd, a.as_ptr(), 512, 0);
+    assert_eq!(ctx.submit(&[&w]), Err(nvaio::Errno(libc::EBADF)));
+    drop(file);
+    let _ = std::fs::remove_file(path);
+    nvaio::close(fd).unwrap();
+}
