@@ -299,12 +299,15 @@ impl Context {
             tracing::warn!("cannot create an I/O queue pair: {e}");
             Errno(libc::EAGAIN)
         })?;
-        let pool =
-            PagePool::new(ctrl.device().dma_mapper(), self.opts.bounce_initial, self.opts.bounce_max)
-                .map_err(|e| {
-                    tracing::warn!("cannot allocate bounce memory: {e}");
-                    Errno(libc::ENOMEM)
-                })?;
+        let pool = PagePool::new(
+            ctrl.device().dma_mapper(),
+            self.opts.bounce_initial,
+            self.opts.bounce_max,
+        )
+        .map_err(|e| {
+            tracing::warn!("cannot allocate bounce memory: {e}");
+            Errno(libc::ENOMEM)
+        })?;
         let max_transfer = ctrl.max_transfer();
         let max_pages = prp::pages_spanned(PAGE_SIZE - 4, max_transfer) + 1;
         let cmds = (0..qp.entries())
@@ -463,7 +466,8 @@ impl Context {
                 return Err(Errno(libc::EINVAL));
             }
             let wanted = iocb.aio_buf as i64 | i64::from(libc::POLLERR | libc::POLLHUP);
-            let default = i64::from(libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM);
+            let default =
+                i64::from(libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM);
             let mask = wanted & default;
             if mask == 0 {
                 return Err(Errno(libc::EINVAL));
@@ -519,7 +523,13 @@ impl Context {
     }
 
     /// Hands an iocb on a descriptor nvaio does not own to the kernel's AIO.
-    fn prepare_kernel(&mut self, r: u32, iocb: &Iocb, _resfd: RawFd, now: Instant) -> Result<(), Errno> {
+    fn prepare_kernel(
+        &mut self,
+        r: u32,
+        iocb: &Iocb,
+        _resfd: RawFd,
+        now: Instant,
+    ) -> Result<(), Errno> {
         if self.kernel.is_none() {
             self.kernel = Some(KernelAio::new(self.reqs.len() as u32)?);
         }
@@ -691,10 +701,19 @@ impl Context {
                             req.res = -i64::from(status_to_errno(status));
                         }
                     } else if req.kind == Kind::Read && req.res >= 0 {
-                        copy_segments(pool, &cmd.pages, cmd.page_off, &req.segs, cmd.offset, cmd.len, false);
+                        copy_segments(
+                            pool,
+                            &cmd.pages,
+                            cmd.page_off,
+                            &req.segs,
+                            cmd.offset,
+                            cmd.len,
+                            false,
+                        );
                     }
                     req.outstanding -= 1;
-                    let fully_issued = if req.kind == Kind::Flush { true } else { req.issued >= req.total };
+                    let fully_issued =
+                        if req.kind == Kind::Flush { true } else { req.issued >= req.total };
                     if req.outstanding == 0 && fully_issued {
                         done[n] = cmd.req;
                         n += 1;
@@ -710,7 +729,11 @@ impl Context {
             for &r in &done[..n] {
                 let res = {
                     let req = &self.reqs[r as usize];
-                    if req.res < 0 { req.res } else { req.total as i64 }
+                    if req.res < 0 {
+                        req.res
+                    } else {
+                        req.total as i64
+                    }
                 };
                 self.finish(r, res);
             }

@@ -128,7 +128,11 @@ pub fn open_on(ctrl: Arc<Controller>, nsid: u32, access: Access) -> Result<RawFd
         return Err(OpenError::Descriptor(io::Error::last_os_error()));
     }
     let file = Arc::new(NvmeFile { fd, ctrl, ns, access });
-    FILES.write().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).insert(fd, file);
+    FILES
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(fd, file);
     Ok(fd)
 }
 

@@ -43,7 +43,9 @@ impl KernelAio {
         let mut list = [slot as *mut Iocb];
         // SAFETY: one valid iocb pointer; the copy stays at this address until its event is
         // reaped (the vector never reallocates).
-        let n = unsafe { libc::syscall(libc::SYS_io_submit, self.ctx, 1 as libc::c_long, list.as_mut_ptr()) };
+        let n = unsafe {
+            libc::syscall(libc::SYS_io_submit, self.ctx, 1 as libc::c_long, list.as_mut_ptr())
+        };
         match n {
             1 => Ok(()),
             n if n < 0 => Err(Errno(errno())),
@@ -118,7 +120,14 @@ impl KernelAio {
         let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: the event array and timespec are valid for the call.
         let n = unsafe {
-            libc::syscall(libc::SYS_io_getevents, self.ctx, 0 as libc::c_long, 16 as libc::c_long, evs.as_mut_ptr(), &zero)
+            libc::syscall(
+                libc::SYS_io_getevents,
+                self.ctx,
+                0 as libc::c_long,
+                16 as libc::c_long,
+                evs.as_mut_ptr(),
+                &zero,
+            )
         };
         for ev in evs.iter().take(n.max(0) as usize) {
             f(ev.data as u32, ev.res, ev.res2);

@@ -105,7 +105,11 @@ impl Ring {
         }
         // SAFETY: tail < nr, so the slot lies inside the mapping; event slots are 8-aligned.
         unsafe {
-            self.ptr.as_ptr().add(HEADER + tail as usize * EVENT).cast::<IoEvent>().write_volatile(ev)
+            self.ptr
+                .as_ptr()
+                .add(HEADER + tail as usize * EVENT)
+                .cast::<IoEvent>()
+                .write_volatile(ev)
         };
         // Release: the event is visible before the tail that announces it.
         self.word(3).store(next, Ordering::Release);
@@ -122,7 +126,11 @@ impl Ring {
         while head != tail && n < out.len() {
             // SAFETY: head < nr, inside the mapping.
             out[n] = unsafe {
-                self.ptr.as_ptr().add(HEADER + head as usize * EVENT).cast::<IoEvent>().read_volatile()
+                self.ptr
+                    .as_ptr()
+                    .add(HEADER + head as usize * EVENT)
+                    .cast::<IoEvent>()
+                    .read_volatile()
             };
             n += 1;
             head = if head + 1 == self.nr { 0 } else { head + 1 };

@@ -43,7 +43,7 @@ impl Mmio {
 
     #[inline]
     fn fits(&self, off: usize, width: usize) -> bool {
-        off % width == 0 && off.checked_add(width).is_some_and(|end| end <= self.len)
+        off.is_multiple_of(width) && off.checked_add(width).is_some_and(|end| end <= self.len)
     }
 
     /// Reads the 32-bit register at `off`.

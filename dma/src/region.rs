@@ -223,7 +223,7 @@ impl DmaRegion {
 pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
     if (src as usize) % 8 == (dst as usize) % 8 {
-        while i < len && (src as usize + i) % 8 != 0 {
+        while i < len && !(src as usize + i).is_multiple_of(8) {
             // SAFETY: i < len, within both ranges per the caller's promise.
             unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
             i += 1;

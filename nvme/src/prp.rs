@@ -51,7 +51,7 @@ pub fn build(
     list_iova: Option<u64>,
     mut write_list: impl FnMut(usize, u64),
 ) -> Result<(u64, u64), PrpError> {
-    if offset % 4 != 0 || offset >= PAGE_SIZE {
+    if !offset.is_multiple_of(4) || offset >= PAGE_SIZE {
         return Err(PrpError::Unaligned(offset));
     }
     let n = pages_spanned(offset, len).max(1);
@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(build(&[10 * P], 512, 512, None, none), Ok((10 * P + 512, 0)));
         assert_eq!(build(&[10 * P, 20 * P], 512, 4096, None, none), Ok((10 * P + 512, 20 * P)));
         assert_eq!(build(&[10 * P], 2, 4, None, none), Err(PrpError::Unaligned(2)));
-        assert_eq!(build(&[10 * P + 8], 0, 4, None, none), Err(PrpError::PageUnaligned(10 * P + 8)));
+        assert_eq!(
+            build(&[10 * P + 8], 0, 4, None, none),
+            Err(PrpError::PageUnaligned(10 * P + 8))
+        );
     }
 
     #[test]

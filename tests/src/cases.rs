@@ -142,10 +142,20 @@ fn identify(t: &Target) -> CaseResult {
     }
     for ns in nss {
         if let Some(lba) = t.expect_lba {
-            check!(ns.block_size == lba, "nsid {} block size {}, expected {lba}", ns.nsid, ns.block_size);
+            check!(
+                ns.block_size == lba,
+                "nsid {} block size {}, expected {lba}",
+                ns.nsid,
+                ns.block_size
+            );
         }
         if let Some(size) = t.expect_size {
-            check!(ns.size_bytes() == size, "nsid {} is {} bytes, expected {size}", ns.nsid, ns.size_bytes());
+            check!(
+                ns.size_bytes() == size,
+                "nsid {} is {} bytes, expected {size}",
+                ns.nsid,
+                ns.size_bytes()
+            );
         }
     }
     check!(t.ctrl.max_transfer() >= 4096, "max transfer {}", t.ctrl.max_transfer());
@@ -173,7 +183,9 @@ fn write_read_sizes(t: &Target, misalign: usize) -> CaseResult {
         check!(ev.res == len as i64, "read of {len} at {pos}: res {}", ev.res);
         check!(ev.obj == &iocb as *const Iocb as u64, "event obj is not the iocb's address");
         if let Some(at) = r.bytes().iter().zip(w.bytes()).position(|(a, b)| a != b) {
-            return Err(format!("read of {len} at {pos} (misalign {misalign}) differs at byte {at}"));
+            return Err(format!(
+                "read of {len} at {pos} (misalign {misalign}) differs at byte {at}"
+            ));
         }
         pos += len as u64;
     }
@@ -347,7 +359,8 @@ fn context_full(t: &Target) -> CaseResult {
     let fd = Fd(open(t, 1, Access::ReadWrite)?);
     let mut ctx = Context::setup(4).map_err(|e| e.to_string())?;
     let mut b = Buf::new(bs, 0);
-    let iocbs: Vec<Iocb> = (0..1000).map(|i| Iocb::pread(fd.0, b.ptr(), bs, (i * bs) as i64)).collect();
+    let iocbs: Vec<Iocb> =
+        (0..1000).map(|i| Iocb::pread(fd.0, b.ptr(), bs, (i * bs) as i64)).collect();
     // As with the kernel, io_setup(4) holds more than 4 (the ring is sized for at least twice
     // that); keep submitting until the context says EAGAIN.
     let mut queued = 0;
@@ -369,7 +382,10 @@ fn context_full(t: &Target) -> CaseResult {
     let mut none = [IoEvent::default(); 2];
     let got = ctx.get_events(0, &mut none, Some(Duration::ZERO)).map_err(|e| e.to_string())?;
     check!(got == 0, "{got} stray events");
-    check!(ctx.get_events(3, &mut none, None) == Err(nvaio::Errno(libc::EINVAL)), "min_nr > nr accepted");
+    check!(
+        ctx.get_events(3, &mut none, None) == Err(nvaio::Errno(libc::EINVAL)),
+        "min_nr > nr accepted"
+    );
     Ok(())
 }
 
@@ -392,7 +408,8 @@ fn namespaces_isolated(t: &Target) -> CaseResult {
         return Ok(());
     }
     let mut ctx = Context::setup(8).map_err(|e| e.to_string())?;
-    let fds: Vec<Fd> = nss.iter().map(|&n| open(t, n, Access::ReadWrite).map(Fd)).collect::<Result<_, _>>()?;
+    let fds: Vec<Fd> =
+        nss.iter().map(|&n| open(t, n, Access::ReadWrite).map(Fd)).collect::<Result<_, _>>()?;
     let mut written = Vec::new();
     for (i, fd) in fds.iter().enumerate() {
         let bs = block_size(t, nss[i])? as usize;

@@ -27,7 +27,8 @@ fn main() {
                 let t = Target {
                     ctrl,
                     expect_lba: env(&format!("NVAIO_DEV{i}_LBA")).and_then(|v| v.parse().ok()),
-                    expect_namespaces: env(&format!("NVAIO_DEV{i}_NNS")).and_then(|v| v.parse().ok()),
+                    expect_namespaces: env(&format!("NVAIO_DEV{i}_NNS"))
+                        .and_then(|v| v.parse().ok()),
                     expect_size: env(&format!("NVAIO_DEV{i}_SIZE")).and_then(|v| v.parse().ok()),
                     expect_serial: env(&format!("NVAIO_DEV{i}_SERIAL")),
                 };

@@ -222,8 +222,9 @@ fn one_doorbell_per_submit_batch() {
     let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(10));
     let before = rig.emu.stats().sq_doorbells[1];
     let base = rig.buf.as_mut_ptr();
-    let iocbs: Vec<Iocb> =
-        (0..12).map(|i| Iocb::pread(rig.fd, base.wrapping_add(i * 512), 512, (i * 512) as i64)).collect();
+    let iocbs: Vec<Iocb> = (0..12)
+        .map(|i| Iocb::pread(rig.fd, base.wrapping_add(i * 512), 512, (i * 512) as i64))
+        .collect();
     let refs: Vec<&Iocb> = iocbs.iter().collect();
     assert_eq!(rig.ctx.submit(&refs), Ok(12));
     assert_eq!(rig.emu.stats().sq_doorbells[1] - before, 1, "12 reads, one SQ doorbell");
@@ -301,7 +302,8 @@ fn submit_time_checks_match_the_kernel() {
     let base = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
     let einval = Err(nvaio::Errno(libc::EINVAL));
     // POLL on a block device answers at once with the default mask bits asked for.
-    let poll = Iocb { aio_lio_opcode: nvaio::abi::opcode::POLL, aio_buf: libc::POLLIN as u64, ..base };
+    let poll =
+        Iocb { aio_lio_opcode: nvaio::abi::opcode::POLL, aio_buf: libc::POLLIN as u64, ..base };
     let poll = Iocb { aio_nbytes: 0, ..poll };
     assert_eq!(ctx.submit(&[&poll]), Ok(1));
     let mut ev = [IoEvent::default(); 1];

@@ -265,10 +265,7 @@ mod tests {
             nlbaf_z: 1,
             flbas: 1,
             noiob: 0,
-            lbaf: vec![
-                LbaFormat { ms: 0, lbads: 9, rp: 0 },
-                LbaFormat { ms: 0, lbads: 12, rp: 0 },
-            ],
+            lbaf: vec![LbaFormat { ms: 0, lbads: 9, rp: 0 }, LbaFormat { ms: 0, lbads: 12, rp: 0 }],
         };
         let mut page = [0u8; IDENTIFY_LEN];
         ns.encode(&mut page);
