@@ -108,6 +108,8 @@ struct Request {
     fua: bool,
     /// RWF_NOWAIT: fail with -EAGAIN rather than wait for queue slots or bounce pages.
     nowait: bool,
+    /// Whether this request has been counted in `ContextStats::waits`.
+    waited: bool,
     /// Byte position on the namespace.
     pos: u64,
     total: usize,
@@ -158,7 +160,7 @@ pub struct ContextStats {
     pub completed: u64,
     pub commands: u64,
     pub timeouts: u64,
-    /// Times a request had to wait for queue slots or bounce pages.
+    /// Requests that had to wait for queue slots or bounce pages.
     pub waits: u64,
     /// NVMe Abort commands sent for io_cancel.
     pub aborts_sent: u64,
@@ -220,6 +222,7 @@ impl Context {
             block_shift: 9,
             fua: false,
             nowait: false,
+            waited: false,
             pos: 0,
             total: 0,
             issued: 0,
@@ -515,6 +518,7 @@ impl Context {
         req.issued = 0;
         req.outstanding = 0;
         req.res = 0;
+        req.waited = false;
         req.resfd = resfd;
         req.deadline = now + self.opts.command_timeout;
         req.active = true;
@@ -568,7 +572,13 @@ impl Context {
                 // -EAGAIN instead, as the block layer does when it cannot get a tag at once.
                 let would_wait = |req: &Request| req.nowait && req.issued == 0;
                 let Some(slot) = qp.next_slot() else {
-                    self.stats.waits += 1;
+                    if !req.waited {
+                        req.waited = true;
+                        if !req.waited {
+                            req.waited = true;
+                            self.stats.waits += 1;
+                        }
+                    }
                     if would_wait(req) {
                         pending.pop_front();
                         return Issue::Failed(r, -i64::from(libc::EAGAIN));
@@ -589,7 +599,13 @@ impl Context {
                     let n = prp::pages_spanned(page_off, len);
                     pages_needed = n + usize::from(prp::needs_list(n));
                     if !pool.reserve(pages_needed) {
-                        self.stats.waits += 1;
+                        if !req.waited {
+                        req.waited = true;
+                        if !req.waited {
+                            req.waited = true;
+                            self.stats.waits += 1;
+                        }
+                    }
                         if would_wait(req) {
                             pending.pop_front();
                             return Issue::Failed(r, -i64::from(libc::EAGAIN));

@@ -5,8 +5,6 @@
 //! 1 (a benchmark that saw I/O errors prints its report first).
 
 #![forbid(unsafe_code)]
-// `u64::is_multiple_of` is newer (1.87) than the workspace's rust-version (1.80).
-#![allow(clippy::manual_is_multiple_of)]
 
 mod bench;
 mod blockio;
@@ -339,8 +337,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let access = if a.rw.is_write() { Access::ReadWrite } else { Access::ReadOnly };
     let t = Target::open(&a.addr, a.nsid, access)?;
+    let header = bench::describe(&t, &params)?;
     if !a.json {
-        emit(&format!("{}\n", bench::describe(&t, &params)))?;
+        emit(&format!("{header}\n"))?;
     }
     let report = bench::run(&t, &params)?;
     if a.json {
