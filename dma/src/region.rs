@@ -215,14 +215,45 @@ impl DmaRegion {
 
 /// Copies between DMA memory and ordinary memory without creating references to either.
 ///
-/// Bulk data moves in 8-byte volatile words where both sides allow it; the compiler may not
-/// merge or elide volatile accesses, which is what memory shared with a device needs.
+/// Bulk data moves in 16-byte (SSE2, on x86-64) or 8-byte volatile accesses where both sides
+/// are equally aligned; the compiler may not merge or elide volatile accesses, which is what
+/// memory shared with a device needs. Wide accesses matter: this copy is on the I/O path of every
+/// bounce-buffered request.
 ///
 /// # Safety
 /// `src..src+len` readable, `dst..dst+len` writable, and the two ranges do not overlap.
 pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
-    if (src as usize) % 8 == (dst as usize) % 8 {
+    let same = |m: usize| (src as usize) % m == (dst as usize) % m;
+    #[cfg(target_arch = "x86_64")]
+    if same(16) && len >= 64 {
+        use core::arch::x86_64::__m128i;
+        while i < len && !(src as usize + i).is_multiple_of(16) {
+            // SAFETY: i < len, within both ranges per the caller's promise.
+            unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+            i += 1;
+        }
+        while i + 64 <= len {
+            // SAFETY: both pointers are 16-aligned here and the 64 bytes lie within both
+            // ranges; SSE2 is part of the x86-64 baseline.
+            unsafe {
+                let s = src.add(i).cast::<__m128i>();
+                let d = dst.add(i).cast::<__m128i>();
+                let (a, b, c, e) = (
+                    s.read_volatile(),
+                    s.add(1).read_volatile(),
+                    s.add(2).read_volatile(),
+                    s.add(3).read_volatile(),
+                );
+                d.write_volatile(a);
+                d.add(1).write_volatile(b);
+                d.add(2).write_volatile(c);
+                d.add(3).write_volatile(e);
+            }
+            i += 64;
+        }
+    }
+    if same(8) {
         while i < len && !(src as usize + i).is_multiple_of(8) {
             // SAFETY: i < len, within both ranges per the caller's promise.
             unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
@@ -240,6 +271,28 @@ pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
         // SAFETY: i < len, within both ranges.
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
         i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::volatile_copy;
+
+    #[test]
+    fn copies_every_alignment_and_length() {
+        let src: Vec<u8> = (0..300u32).map(|i| (i * 13 + 7) as u8).collect();
+        for s_off in 0..17 {
+            for d_off in 0..17 {
+                for len in [0, 1, 7, 8, 15, 16, 63, 64, 65, 127, 200, 270] {
+                    let mut dst = vec![0u8; 300];
+                    // SAFETY: both ranges lie inside their vectors and do not overlap.
+                    unsafe { volatile_copy(src[s_off..].as_ptr(), dst[d_off..].as_mut_ptr(), len) };
+                    assert_eq!(&dst[d_off..d_off + len], &src[s_off..s_off + len]);
+                    assert!(dst[..d_off].iter().all(|&b| b == 0));
+                    assert!(dst[d_off + len..].iter().all(|&b| b == 0));
+                }
+            }
+        }
     }
 }
 
