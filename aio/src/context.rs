@@ -258,6 +258,12 @@ impl Context {
         self.ring.addr()
     }
 
+    /// Slots of the event ring (`aio_ring.nr`): sized as the kernel sizes it for the same
+    /// `nr_events`.
+    pub fn ring_entries(&self) -> u32 {
+        self.ring.nr()
+    }
+
     /// Requests submitted and not yet completed.
     pub fn in_flight(&self) -> u32 {
         self.in_flight
@@ -829,8 +835,12 @@ impl Context {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut got = 0;
         loop {
+            let mut now_check = None;
             if self.in_flight > 0 {
                 self.poll_queues();
+                // Deadlines and health are checked even by callers that never wait (min_nr 0),
+                // so a hung command times out for them too.
+                now_check = self.tick();
             }
             got += self.ring.pop_into(&mut out[got..]);
             // As fs/aio.c: done once min_nr events are in hand (at once for min_nr 0), taking
@@ -838,7 +848,9 @@ impl Context {
             if got >= min_nr {
                 return Ok(got);
             }
-            let now_check = self.tick();
+            if now_check.is_none() {
+                now_check = self.tick();
+            }
             if let Some(d) = deadline {
                 if now_check.unwrap_or_else(Instant::now) >= d {
                     return Ok(got);
@@ -1245,3 +1257,10 @@ mod tests {
         assert_eq!(t, vec![(1000, 10), (5000, 5)]);
     }
 }
+
+// A context moves between threads (the C ABI keeps contexts in a shared registry); it is never
+// used by two at once.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Context>();
+};

@@ -19,6 +19,7 @@ mod kernel;
 pub mod limits;
 mod pool;
 mod ring;
+pub mod wait;
 
 pub use abi::{IoEvent, Iocb};
 pub use context::{Context, ContextOptions, ContextStats, Errno};

@@ -68,7 +68,6 @@ impl Ring {
     }
 
     /// Slots in the ring; at most `nr - 1` events are ever waiting.
-    #[cfg(test)]
     pub fn nr(&self) -> u32 {
         self.nr
     }

@@ -1,0 +1,297 @@
+/*
+ * nvaio.h - the Linux AIO interface of libaio, served by nvaio's userspace NVMe driver.
+ *
+ * This header stands in for <libaio.h>: it declares the same types (io_context_t, struct iocb,
+ * struct io_event, enum io_iocb_cmd), the same inline io_prep_* helpers and the same functions
+ * (io_setup, io_submit, io_getevents, io_cancel, io_destroy, io_queue_init, io_queue_release),
+ * with libaio's names, layouts and signatures. A program written for libaio moves to nvaio by
+ * changing three things:
+ *
+ *   1. #include <nvaio.h> instead of <libaio.h> (never both in one file: the types collide);
+ *   2. link libnvaio instead of -laio: statically (what examples/c/build.sh does and CI tests)
+ *        gcc -static -I aio/include prog.c \
+ *            target/x86_64-unknown-linux-gnu/release/libnvaio.a -lutil -lrt -lpthread -lm -ldl
+ *      or, after aio/build-shared.sh, dynamically: gcc -I aio/include prog.c -L DIR -lnvaio.
+ *      Never link -laio as well: both libraries define io_setup and friends;
+ *   3. open the NVMe namespace with nvaio_open() instead of open(): the controller is bound to
+ *      vfio-pci and has no block device. Descriptors nvaio does not own are handed to the kernel's
+ *      AIO, so one context can serve namespaces and ordinary files together.
+ *
+ * Return values are libaio's: a count or 0 on success, a negative errno on failure (errno is not
+ * set). The errnos each call returns are listed at its declaration.
+ *
+ * Threads: as with the kernel, any thread may use any context, but a context's calls run one at a
+ * time (io_getevents does not block others while it waits). One context per thread is the fast
+ * way, as with the kernel.
+ *
+ * Reaping in user space: an io_context_t is the address of the context's event ring, a
+ * struct aio_ring exactly as the kernel lays it out, so code that reads events from the ring
+ * between head and tail keeps working. nvaio polls its queues instead of taking interrupts, so
+ * the ring fills while some call runs on the context: io_getevents(ctx, 0, 0, NULL, &zero) moves
+ * every finished request into the ring without taking an event (with the kernel that call does
+ * nothing, and interrupts fill the ring). examples/c/ring_reap.c shows the pattern.
+ *
+ * Layouts are those of 64-bit little-endian x86 Linux only.
+ */
+#ifndef NVAIO_H
+#define NVAIO_H
+
+#if !defined(__x86_64__) || defined(__ILP32__) || !defined(__BYTE_ORDER__) || \
+	__BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "nvaio.h: only x86-64 Linux (LP64, little-endian) is supported"
+#endif
+
+#ifdef __LIBAIO_H
+#error "nvaio.h replaces <libaio.h>: include one of them, not both"
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Declared here too, for strict ISO C modes in which the system headers hide them. */
+struct iovec;
+struct timespec;
+
+/* An AIO context. Its value is the address of the event ring (struct aio_ring). */
+typedef struct io_context *io_context_t;
+
+/* Request types, the values of struct iocb's aio_lio_opcode. nvaio itself serves reads, writes
+ * and both syncs on its namespaces; POLL and NOOP exist for the kernel's descriptors. */
+typedef enum io_iocb_cmd {
+	IO_CMD_PREAD = 0,
+	IO_CMD_PWRITE = 1,
+	IO_CMD_FSYNC = 2,
+	IO_CMD_FDSYNC = 3,
+	/* 4 was IO_CMD_PREADX, never implemented by Linux. */
+	IO_CMD_POLL = 5,
+	IO_CMD_NOOP = 6,
+	IO_CMD_PREADV = 7,
+	IO_CMD_PWRITEV = 8
+} io_iocb_cmd_t;
+
+/* u.c: a read, write or sync. The kernel calls these aio_buf, aio_nbytes, aio_offset,
+ * aio_reserved2, aio_flags and aio_resfd. */
+struct io_iocb_common {
+	void *buf;
+	unsigned long nbytes;
+	long long offset;
+	long long __pad3; /* reserved: must be 0 */
+	unsigned flags;	  /* IOCB_FLAG_* below */
+	unsigned resfd;	  /* eventfd signalled on completion when IOCB_FLAG_RESFD is set */
+};
+
+/* u.v: a vectored read or write (IO_CMD_PREADV, IO_CMD_PWRITEV). */
+struct io_iocb_vector {
+	const struct iovec *vec;
+	unsigned long nr; /* number of iovecs */
+	long long offset;
+};
+
+/* u.poll: IO_CMD_POLL, for the kernel's descriptors. */
+struct io_iocb_poll {
+	int events; /* POLLIN etc. */
+	unsigned __pad1; /* must be 0 */
+};
+
+/* One request: 64 bytes, the kernel's struct iocb. Fill it with the io_prep_* helpers, which
+ * zero it first. The iocb must stay valid and unmodified, and its buffers too, until its event
+ * has been reaped: the event's obj is its address. */
+struct iocb {
+	void *data;		 /* returned in io_event.data */
+	unsigned key;		 /* set to 0 by io_submit (the kernel's KIOCB_KEY) */
+	unsigned aio_rw_flags;	 /* RWF_* flags of preadv2/pwritev2 */
+	short aio_lio_opcode;	 /* enum io_iocb_cmd */
+	short aio_reqprio;
+	int aio_fildes;		 /* from nvaio_open(), or any descriptor the kernel's AIO takes */
+	union {
+		struct io_iocb_common c;
+		struct io_iocb_vector v;
+		struct io_iocb_poll poll;
+	} u;
+};
+
+/* One completion: 32 bytes, the kernel's struct io_event. */
+struct io_event {
+	void *data;	   /* the iocb's data */
+	struct iocb *obj;  /* the iocb */
+	unsigned long res; /* bytes transferred, or a negative errno: read it as (long)res */
+	unsigned long res2; /* 0 */
+};
+
+#ifdef __cplusplus
+#define NVAIO_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define NVAIO_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#endif
+NVAIO_STATIC_ASSERT(sizeof(struct iocb) == 64, "struct iocb must be the kernel's 64 bytes");
+NVAIO_STATIC_ASSERT(sizeof(struct io_event) == 32, "struct io_event must be 32 bytes");
+NVAIO_STATIC_ASSERT(offsetof(struct iocb, aio_fildes) == 20, "iocb.aio_fildes at 20");
+NVAIO_STATIC_ASSERT(offsetof(struct iocb, u.c.buf) == 24, "iocb.u.c.buf at 24");
+NVAIO_STATIC_ASSERT(offsetof(struct iocb, u.c.offset) == 40, "iocb.u.c.offset at 40");
+NVAIO_STATIC_ASSERT(offsetof(struct iocb, u.v.offset) == 40, "iocb.u.v.offset at 40");
+NVAIO_STATIC_ASSERT(offsetof(struct iocb, u.c.flags) == 56, "iocb.u.c.flags at 56");
+#undef NVAIO_STATIC_ASSERT
+
+/* u.c.flags bits. */
+#define IOCB_FLAG_RESFD (1 << 0)  /* signal u.c.resfd (an eventfd) on completion */
+#define IOCB_FLAG_IOPRIO (1 << 1) /* aio_reqprio holds an I/O priority */
+
+/* ---- Preparing requests: each helper zeroes the iocb, then fills it in. ---- */
+
+static inline void nvaio_prep_common_(struct iocb *iocb, int fd, short opcode, void *buf,
+				      unsigned long nbytes, long long offset)
+{
+	memset(iocb, 0, sizeof(*iocb));
+	iocb->aio_fildes = fd;
+	iocb->aio_lio_opcode = opcode;
+	iocb->u.c.buf = buf;
+	iocb->u.c.nbytes = nbytes;
+	iocb->u.c.offset = offset;
+}
+
+/* Read count bytes at offset into buf. */
+static inline void io_prep_pread(struct iocb *iocb, int fd, void *buf, size_t count,
+				 long long offset)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_PREAD, buf, count, offset);
+}
+
+/* Write count bytes from buf at offset. */
+static inline void io_prep_pwrite(struct iocb *iocb, int fd, void *buf, size_t count,
+				  long long offset)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_PWRITE, buf, count, offset);
+}
+
+/* Read into iovcnt buffers, starting at offset. The iovec array is read during io_submit and
+ * need not outlive it; the buffers it names must live until the event. */
+static inline void io_prep_preadv(struct iocb *iocb, int fd, const struct iovec *iov, int iovcnt,
+				  long long offset)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_PREADV, (void *)iov, (unsigned long)iovcnt, offset);
+}
+
+/* Write from iovcnt buffers, starting at offset. */
+static inline void io_prep_pwritev(struct iocb *iocb, int fd, const struct iovec *iov, int iovcnt,
+				   long long offset)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_PWRITEV, (void *)iov, (unsigned long)iovcnt, offset);
+}
+
+/* io_prep_preadv with RWF_* flags (RWF_HIPRI, RWF_DSYNC, RWF_SYNC, RWF_NOWAIT, RWF_APPEND).
+ * On an nvaio namespace, RWF_DSYNC and RWF_SYNC make the write Force Unit Access. */
+static inline void io_prep_preadv2(struct iocb *iocb, int fd, const struct iovec *iov, int iovcnt,
+				   long long offset, int flags)
+{
+	io_prep_preadv(iocb, fd, iov, iovcnt, offset);
+	iocb->aio_rw_flags = (unsigned)flags;
+}
+
+/* io_prep_pwritev with RWF_* flags. */
+static inline void io_prep_pwritev2(struct iocb *iocb, int fd, const struct iovec *iov,
+				    int iovcnt, long long offset, int flags)
+{
+	io_prep_pwritev(iocb, fd, iov, iovcnt, offset);
+	iocb->aio_rw_flags = (unsigned)flags;
+}
+
+/* Make everything written to fd before this request durable (an NVMe Flush on a namespace). */
+static inline void io_prep_fsync(struct iocb *iocb, int fd)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_FSYNC, NULL, 0, 0);
+}
+
+/* As io_prep_fsync; data only (the same Flush on a namespace). */
+static inline void io_prep_fdsync(struct iocb *iocb, int fd)
+{
+	nvaio_prep_common_(iocb, fd, IO_CMD_FDSYNC, NULL, 0, 0);
+}
+
+/* Wait for poll events on fd (the kernel's descriptors only; nvaio's refuse it with EINVAL). */
+static inline void io_prep_poll(struct iocb *iocb, int fd, int events)
+{
+	memset(iocb, 0, sizeof(*iocb));
+	iocb->aio_fildes = fd;
+	iocb->aio_lio_opcode = IO_CMD_POLL;
+	iocb->u.poll.events = events;
+}
+
+/* Signal the eventfd eventfd (write 1 to it) when the request completes. Call after io_prep_*. */
+static inline void io_set_eventfd(struct iocb *iocb, int eventfd)
+{
+	iocb->u.c.flags |= IOCB_FLAG_RESFD;
+	iocb->u.c.resfd = (unsigned)eventfd;
+}
+
+/* ---- The AIO calls ---- */
+
+/* Create a context for up to maxevents requests in flight and store it in *ctxp, which must be 0
+ * (NULL) on entry. Returns 0, or -EFAULT (ctxp NULL), -EINVAL (*ctxp not 0, maxevents <= 0 or
+ * too large), -EAGAIN (system-wide event limit, /proc/sys/fs/aio-max-nr), -ENOMEM. */
+int io_setup(int maxevents, io_context_t *ctxp);
+
+/* Wait for the context's requests in flight, then release it; unreaped events are dropped and
+ * later calls with ctx fail with -EINVAL. Returns 0, or -EINVAL (ctx not a live context), -EIO
+ * (nvaio failed internally in this context, which is then released without waiting). */
+int io_destroy(io_context_t ctx);
+
+/* Queue nr requests; returns how many were queued, which may be fewer (the rest were not
+ * looked at, or the next one was refused). Fails only if none was queued: -EINVAL (nr < 0, ctx
+ * not a live context, bad opcode, reserved field not 0, negative offset, too many iovecs),
+ * -EFAULT (ios NULL, or ios[0] NULL or misaligned), -EAGAIN (context full), -EBADF (descriptor
+ * not open, or open without the access the request needs), -EOPNOTSUPP (unknown aio_rw_flags),
+ * or an errno of the kernel's io_submit for a descriptor nvaio hands to the kernel. nr == 0
+ * returns 0. Errors found after queueing come back as events with a negative res. */
+int io_submit(io_context_t ctx, long nr, struct iocb *ios[]);
+
+/* Start cancelling the request submitted with iocb; the outcome arrives as its event (res
+ * -ECANCELED if it was stopped). evt is not written. Returns -EINPROGRESS when cancellation
+ * started (the usual outcome), or -EINVAL (ctx not live; iocb not submitted to ctx or already
+ * completed; a kernel file's request the kernel cannot cancel), -EFAULT (iocb NULL). */
+int io_cancel(io_context_t ctx, struct iocb *iocb, struct io_event *evt);
+
+/* Wait until at least min_nr events are available or timeout (relative; NULL = no limit; zero =
+ * do not wait) has passed, and move up to nr of them into events. Returns how many were stored
+ * (fewer than min_nr only if the timeout passed), or -EINVAL (ctx not live; min_nr or nr
+ * negative; min_nr > nr; tv_sec < 0 or tv_nsec outside 0..999999999), -EFAULT (events NULL with
+ * nr > 0). With nr == 0 it only lets nvaio move finished requests into the ring (see above). */
+int io_getevents(io_context_t ctx, long min_nr, long nr, struct io_event *events,
+		 struct timespec *timeout);
+
+/* libaio's other names for io_setup and io_destroy; same arguments and errors. */
+int io_queue_init(int maxevents, io_context_t *ctxp);
+int io_queue_release(io_context_t ctx);
+
+/* ---- nvaio's own calls ---- */
+
+/* Open namespace nsid of the NVMe controller at PCI address pci_addr ("0000:00:10.0" or
+ * "00:10.0"), bound to vfio-pci, with O_RDONLY, O_WRONLY or O_RDWR. The first open of a
+ * controller brings it up (this takes a moment); later opens share it. Returns a descriptor to
+ * put in iocbs' aio_fildes (a real descriptor number, so it never collides with the program's
+ * other files), or -EFAULT (pci_addr NULL), -EINVAL (bad flags or address), -ENODEV (cannot open
+ * the controller through VFIO: not bound to vfio-pci, no permission on /dev/vfio, too low a
+ * locked-memory limit...), -EIO (the controller failed to come up), -ENXIO (no such namespace),
+ * -EMFILE (out of descriptors). On failure nvaio_last_error() tells the cause and the fix. */
+int nvaio_open(const char *pci_addr, unsigned nsid, int flags);
+
+/* Close a descriptor from nvaio_open; requests already submitted on it still complete. Returns
+ * 0, or -EBADF (not a descriptor nvaio_open returned). Do not close() it yourself. */
+int nvaio_close(int fd);
+
+/* What this thread's last failed nvaio_open ran into, as text naming the cause and the fix; ""
+ * if nothing failed. Valid until this thread's next failing nvaio_open; never NULL. */
+const char *nvaio_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NVAIO_H */
