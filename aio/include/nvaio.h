@@ -286,6 +286,17 @@ int nvaio_open(const char *pci_addr, unsigned nsid, int flags);
  * 0, or -EBADF (not a descriptor nvaio_open returned). Do not close() it yourself. */
 int nvaio_close(int fd);
 
+/* Register len bytes at buf with ctx for zero-copy I/O: reads and writes whose buffer lies
+ * entirely inside it move data straight between the device and this memory (it is mapped for
+ * DMA, and so pinned). The memory must stay allocated until nvaio_unregister_buffer or
+ * io_destroy. Returns 0, -EINVAL (not a live context; empty, wrapping or overlapping range) or
+ * -ENOMEM (the IOMMU mapping failed: locked-memory limit or IOVA space). */
+int nvaio_register_buffer(io_context_t ctx, void *buf, size_t len);
+
+/* Undo nvaio_register_buffer for the buffer registered at buf. Returns 0, -EINVAL (nothing
+ * registered there) or -EBUSY (I/O in flight on the context). */
+int nvaio_unregister_buffer(io_context_t ctx, void *buf);
+
 /* What this thread's last failed nvaio_open ran into, as text naming the cause and the fix; ""
  * if nothing failed. Valid until this thread's next failing nvaio_open; never NULL. */
 const char *nvaio_last_error(void);

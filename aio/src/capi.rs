@@ -25,6 +25,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ffi::c_void;
 use std::ffi::{c_char, c_int, c_long, c_uint, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -462,6 +463,53 @@ pub unsafe extern "C" fn io_cancel(ctx: IoContextT, iocb: *mut Iocb, evt: *mut I
         match context.cancel(iocb) {
             // Context::cancel always reports a started cancellation as EINPROGRESS; should it
             // ever finish one synchronously, 0 is what the kernel used to return for that.
+            Ok(()) => 0,
+            Err(e) => neg(e),
+        }
+    })
+}
+
+/// `nvaio_register_buffer`: registers `len` bytes at `buf` with context `ctx` for zero-copy
+/// I/O: reads and writes whose buffer lies inside it skip the bounce copy. Returns 0, or
+/// -EINVAL (not a live context; empty, wrapping or overlapping range), -ENOMEM (the IOMMU
+/// mapping failed: locked-memory limit or IOVA space), -EIO after a panic inside nvaio.
+///
+/// # Safety
+/// The memory must stay allocated until `nvaio_unregister_buffer` or `io_destroy`.
+#[no_mangle]
+pub unsafe extern "C" fn nvaio_register_buffer(
+    ctx: IoContextT,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
+    guarded(|| {
+        let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
+        let mut guard = match lock(&slot) {
+            Ok(g) => g,
+            Err(e) => return neg(e),
+        };
+        let Some(context) = guard.as_mut() else { return -libc::EINVAL };
+        // SAFETY: the caller's promise above is register_buffer's contract.
+        match unsafe { context.register_buffer(buf.cast(), len) } {
+            Ok(()) => 0,
+            Err(e) => neg(e),
+        }
+    })
+}
+
+/// `nvaio_unregister_buffer`: undoes `nvaio_register_buffer` for the buffer registered at
+/// `buf`. Returns 0, or -EINVAL (not a live context, nothing registered there), -EBUSY (I/O in
+/// flight on the context), -EIO after a panic inside nvaio.
+#[no_mangle]
+pub extern "C" fn nvaio_unregister_buffer(ctx: IoContextT, buf: *mut c_void) -> c_int {
+    guarded(|| {
+        let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
+        let mut guard = match lock(&slot) {
+            Ok(g) => g,
+            Err(e) => return neg(e),
+        };
+        let Some(context) = guard.as_mut() else { return -libc::EINVAL };
+        match context.unregister_buffer(buf.cast()) {
             Ok(()) => 0,
             Err(e) => neg(e),
         }

@@ -135,8 +135,10 @@ struct Cmd {
     len: usize,
     /// Offset of the first byte in the first page.
     page_off: usize,
-    /// Data pages, then the PRP list page if one was needed.
+    /// Data pages, then the PRP list page if one was needed. With `direct`, only the list page.
     pages: Vec<PageId>,
+    /// The data is in the application's registered memory: nothing to copy back.
+    direct: bool,
     busy: bool,
 }
 
@@ -153,6 +155,53 @@ struct Queue {
     dead: bool,
 }
 
+/// Application memory registered for zero-copy I/O (see [`Context::register_buffer`]),
+/// mapped for DMA on the controller of each queue pair of the context.
+struct Registered {
+    addr: u64,
+    len: usize,
+    /// The page-aligned hull that is mapped.
+    base: u64,
+    hull: usize,
+    /// Per queue index: the mapper and the IOVA of `base`.
+    maps: Vec<Option<(Arc<dyn nvaio_dma::DmaMapper>, u64)>>,
+}
+
+impl Registered {
+    /// The IOVA of `addr` on queue `q`'s controller, if `addr..addr+len` lies in this buffer.
+    #[inline]
+    fn iova_for(&self, q: usize, addr: u64, len: usize) -> Option<u64> {
+        if addr < self.addr || addr + len as u64 > self.addr + self.len as u64 {
+            return None;
+        }
+        let (_, iova) = self.maps.get(q)?.as_ref()?;
+        Some(iova + (addr - self.base))
+    }
+
+    fn map_for(&mut self, q: usize, ctrl: &Controller) -> Result<(), Errno> {
+        let mapper = ctrl.device().dma_mapper();
+        // SAFETY: `register_buffer`'s caller promised the memory stays allocated until it is
+        // unregistered or the context dropped, which is when this mapping is undone.
+        let iova = unsafe { mapper.map(self.base as *mut u8, self.hull) }.map_err(|e| {
+            tracing::warn!("cannot map a registered buffer: {e}");
+            Errno(libc::ENOMEM)
+        })?;
+        if self.maps.len() <= q {
+            self.maps.resize_with(q + 1, || None);
+        }
+        self.maps[q] = Some((mapper, iova));
+        Ok(())
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        for (mapper, iova) in self.maps.iter().flatten() {
+            mapper.unmap(*iova, self.hull);
+        }
+    }
+}
+
 /// Counters for one context.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ContextStats {
@@ -164,6 +213,8 @@ pub struct ContextStats {
     pub waits: u64,
     /// NVMe Abort commands sent for io_cancel.
     pub aborts_sent: u64,
+    /// Commands whose data moved straight to or from registered memory.
+    pub zero_copy: u64,
 }
 
 /// An AIO context. Not shareable between threads (`&mut self`), which is what lets the I/O path
@@ -184,6 +235,8 @@ pub struct Context {
     free_reqs: Vec<u32>,
     in_flight: u32,
     queues: Vec<Queue>,
+    /// Buffers registered for zero-copy I/O.
+    registered: Vec<Registered>,
     /// Descriptors seen recently: (fd, file, queue index).
     files: Vec<(RawFd, Arc<NvmeFile>, u16)>,
     epoch: u64,
@@ -244,6 +297,7 @@ impl Context {
             free_reqs: (0..table).rev().collect(),
             in_flight: 0,
             queues: Vec::new(),
+            registered: Vec::new(),
             files: Vec::new(),
             epoch: file::EPOCH.load(Ordering::Acquire),
             opts,
@@ -326,6 +380,7 @@ impl Context {
                 len: 0,
                 page_off: 0,
                 pages: Vec::with_capacity(max_pages),
+                direct: false,
                 busy: false,
             })
             .collect();
@@ -339,7 +394,60 @@ impl Context {
             iovas: Vec::with_capacity(max_pages),
             dead: false,
         });
-        Ok(self.queues.len() - 1)
+        let q = self.queues.len() - 1;
+        let ctrl = self.queues[q].ctrl.clone();
+        for b in &mut self.registered {
+            b.map_for(q, &ctrl)?;
+        }
+        Ok(q)
+    }
+
+    /// Registers `len` bytes at `addr` for zero-copy I/O: reads and writes whose buffer lies
+    /// entirely inside it move data straight between the device and this memory, with no bounce
+    /// copy. The memory is mapped for DMA (and so pinned) on every controller the context uses.
+    /// Vectored requests, and buffers outside registered memory, still go through bounce pages.
+    ///
+    /// Errors: EINVAL for an empty or wrapping range or one overlapping a registered buffer;
+    /// ENOMEM if the IOMMU mapping fails (locked-memory limit, IOVA space).
+    ///
+    /// # Safety
+    /// The memory must stay allocated and mapped in this process until
+    /// [`Context::unregister_buffer`] or until the context is dropped. The device writes it
+    /// during reads into it, as the kernel does with O_DIRECT.
+    pub unsafe fn register_buffer(&mut self, addr: *mut u8, len: usize) -> Result<(), Errno> {
+        let addr = addr as u64;
+        let end = addr.checked_add(len as u64).ok_or(Errno(libc::EINVAL))?;
+        if len == 0 || self.registered.iter().any(|b| addr < b.addr + b.len as u64 && b.addr < end)
+        {
+            return Err(Errno(libc::EINVAL));
+        }
+        let page = PAGE_SIZE as u64;
+        let base = addr & !(page - 1);
+        let hull = (end.div_ceil(page) * page - base) as usize;
+        let mut b = Registered { addr, len, base, hull, maps: Vec::new() };
+        for q in 0..self.queues.len() {
+            let ctrl = self.queues[q].ctrl.clone();
+            b.map_for(q, &ctrl)?;
+        }
+        self.registered.push(b);
+        Ok(())
+    }
+
+    /// Undoes [`Context::register_buffer`] for the buffer registered at `addr`.
+    ///
+    /// Errors: EINVAL if nothing is registered there; EBUSY while requests are in flight (any of
+    /// them could be using it).
+    pub fn unregister_buffer(&mut self, addr: *mut u8) -> Result<(), Errno> {
+        let i = self
+            .registered
+            .iter()
+            .position(|b| b.addr == addr as u64)
+            .ok_or(Errno(libc::EINVAL))?;
+        if self.in_flight > 0 {
+            return Err(Errno(libc::EBUSY));
+        }
+        self.registered.remove(i);
+        Ok(())
     }
 
     /// `io_submit`: queues the iocbs in order and returns how many were queued. If the first
@@ -567,6 +675,7 @@ impl Context {
 
     fn issue_some(&mut self, q: usize) -> Issue {
         let Queue { qp, pool, cmds, pending, max_transfer, iovas, .. } = &mut self.queues[q];
+        let registered = &self.registered;
         while let Some(&r) = pending.front() {
             let req = &mut self.reqs[r as usize];
             loop {
@@ -574,24 +683,27 @@ impl Context {
                 if (flush && req.outstanding > 0) || (!flush && req.issued >= req.total) {
                     break;
                 }
-                // RWF_NOWAIT: a request that would have to wait for resources fails with
-                // -EAGAIN instead, as the block layer does when it cannot get a tag at once.
-                let would_wait = |req: &Request| req.nowait && req.issued == 0;
-                let Some(slot) = qp.next_slot() else {
-                    if !req.waited {
-                        req.waited = true;
+                // Out of queue slots or bounce pages: the request waits for completions, or,
+                // with RWF_NOWAIT and nothing sent yet, fails with -EAGAIN as the block layer
+                // does when it cannot get a tag at once.
+                macro_rules! blocked {
+                    () => {{
                         if !req.waited {
                             req.waited = true;
                             self.stats.waits += 1;
                         }
-                    }
-                    if would_wait(req) {
-                        pending.pop_front();
-                        return Issue::Failed(r, -i64::from(libc::EAGAIN));
-                    }
-                    return Issue::Blocked;
-                };
+                        if req.nowait && req.issued == 0 {
+                            pending.pop_front();
+                            return Issue::Failed(r, -i64::from(libc::EAGAIN));
+                        }
+                        return Issue::Blocked;
+                    }};
+                }
+                let Some(slot) = qp.next_slot() else { blocked!() };
                 let mut sqe;
+                // Where the data lives for the device: bounce pages, or the application's own
+                // registered memory (then only a PRP list page, if any, comes from the pool).
+                let mut direct = None;
                 let mut pages_needed = 0;
                 let (len, page_off) = if flush {
                     sqe = Sqe::new(nvm::FLUSH, req.nsid);
@@ -599,24 +711,19 @@ impl Context {
                 } else {
                     let len = (req.total - req.issued).min(*max_transfer);
                     let addr = segment_addr(&req.segs, req.issued);
-                    // Mirror the buffer's offset within its page (dword aligned), so the
-                    // device sees the same PRP shapes as it would with zero-copy I/O.
+                    // Mirror the buffer's offset within its page (dword aligned): registered
+                    // memory is used in place, and bounce pages keep the same PRP shapes.
                     let page_off = (addr as usize) & (PAGE_SIZE - 1) & !3;
                     let n = prp::pages_spanned(page_off, len);
-                    pages_needed = n + usize::from(prp::needs_list(n));
-                    if !pool.reserve(pages_needed) {
-                        if !req.waited {
-                        req.waited = true;
-                        if !req.waited {
-                            req.waited = true;
-                            self.stats.waits += 1;
-                        }
+                    if req.segs.len() == 1 && !registered.is_empty() {
+                        direct = registered.iter().find_map(|b| b.iova_for(q, addr, len));
                     }
-                        if would_wait(req) {
-                            pending.pop_front();
-                            return Issue::Failed(r, -i64::from(libc::EAGAIN));
-                        }
-                        return Issue::Blocked;
+                    pages_needed = usize::from(prp::needs_list(n));
+                    if direct.is_none() {
+                        pages_needed += n;
+                    }
+                    if !pool.reserve(pages_needed) {
+                        blocked!()
                     }
                     let opc = if req.kind == Kind::Read { nvm::READ } else { nvm::WRITE };
                     sqe = Sqe::new(opc, req.nsid);
@@ -629,18 +736,31 @@ impl Context {
                 };
                 let cmd = &mut cmds[usize::from(slot)];
                 cmd.pages.clear();
+                cmd.direct = direct.is_some();
+                self.stats.zero_copy += u64::from(cmd.direct);
                 if !flush {
                     for _ in 0..pages_needed {
                         // `reserve` guaranteed these.
                         cmd.pages.push(pool.take().expect("reserved page"));
                     }
-                    if req.kind == Kind::Write {
-                        copy_segments(pool, &cmd.pages, page_off, &req.segs, req.issued, len, true);
-                    }
                     let n = prp::pages_spanned(page_off, len);
-                    let list = prp::needs_list(n).then(|| cmd.pages[n]);
                     iovas.clear();
-                    iovas.extend(cmd.pages[..n].iter().map(|&p| pool.iova(p)));
+                    let list = match direct {
+                        Some(iova) => {
+                            let first = iova & !(PAGE_SIZE as u64 - 1);
+                            iovas.extend((0..n as u64).map(|i| first + i * PAGE_SIZE as u64));
+                            cmd.pages.first().copied()
+                        }
+                        None => {
+                            if req.kind == Kind::Write {
+                                copy_segments(
+                                    pool, &cmd.pages, page_off, &req.segs, req.issued, len, true,
+                                );
+                            }
+                            iovas.extend(cmd.pages[..n].iter().map(|&p| pool.iova(p)));
+                            prp::needs_list(n).then(|| cmd.pages[n])
+                        }
+                    };
                     let list_iova = list.map(|l| pool.iova(l));
                     let built = prp::build(iovas, page_off, len, list_iova, |i, iova| {
                         if let Some(l) = list {
@@ -722,7 +842,7 @@ impl Context {
                         if req.res >= 0 {
                             req.res = -i64::from(status_to_errno(status));
                         }
-                    } else if req.kind == Kind::Read && req.res >= 0 {
+                    } else if req.kind == Kind::Read && req.res >= 0 && !cmd.direct {
                         copy_segments(
                             pool,
                             &cmd.pages,
