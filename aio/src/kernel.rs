@@ -156,6 +156,11 @@ pub fn check_eventfd(fd: i32) -> Result<(), Errno> {
     if !is_open_fd(fd) {
         return Err(Errno(libc::EBADF));
     }
+    // nvaio reserves namespace descriptors with eventfds, but they are not eventfds to the
+    // application.
+    if crate::file::is_nvaio_fd(fd) {
+        return Err(Errno(libc::EINVAL));
+    }
     match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
         Ok(target) if target.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
         _ => Err(Errno(libc::EINVAL)),
