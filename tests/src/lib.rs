@@ -1,3 +1,4 @@
 //! Shared test cases for nvaio's integration tests; see `cases`.
 
 pub mod cases;
+pub mod conformance;
