@@ -8,10 +8,13 @@
 //! Command identifiers carry a slot index and a generation: a stale or invented CID from the
 //! device is recognised and dropped (and counted) instead of completing the wrong command.
 
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use nvaio_dma::{DmaError, DmaRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::spec::regs::doorbell_offset;
 use crate::spec::{Cqe, Sqe};
@@ -69,6 +72,8 @@ pub struct QueuePair {
     generation: Vec<u8>,
     busy: Vec<bool>,
     stats: QueueStats,
+    /// The MSI-X vector the completion queue raises, if it was created with interrupts.
+    pub(crate) vector: Option<u16>,
     /// Set when the controller owns this queue pair and must delete it on drop.
     pub(crate) owner: Option<Arc<crate::Controller>>,
 }
@@ -107,12 +112,18 @@ impl QueuePair {
             generation: vec![0; usize::from(slots)],
             busy: vec![false; usize::from(slots)],
             stats: QueueStats::default(),
+            vector: None,
             owner: None,
         })
     }
 
     pub fn qid(&self) -> u16 {
         self.qid
+    }
+
+    /// The MSI-X vector the completion queue raises; `None` for a polled queue.
+    pub fn vector(&self) -> Option<u16> {
+        self.vector
     }
 
     /// Number of entries in each ring.
@@ -241,14 +252,17 @@ impl QueuePair {
     /// The CID the device was given for an outstanding slot (for Abort).
     pub fn cid_of(&self, slot: u16) -> Option<u16> {
         let s = usize::from(slot);
-        (s < self.busy.len() && self.busy[s]).then(|| u16::from(self.generation[s]) << SLOT_BITS | slot)
+        (s < self.busy.len() && self.busy[s])
+            .then(|| u16::from(self.generation[s]) << SLOT_BITS | slot)
     }
 
     /// Turns a device-reported CID back into an outstanding slot, freeing it.
     fn release(&mut self, cid: u16) -> Option<u16> {
         let slot = cid & SLOT_MASK;
         let s = usize::from(slot);
-        if s >= self.busy.len() || !self.busy[s] || u16::from(self.generation[s]) != cid >> SLOT_BITS
+        if s >= self.busy.len()
+            || !self.busy[s]
+            || u16::from(self.generation[s]) != cid >> SLOT_BITS
         {
             return None;
         }
@@ -284,6 +298,84 @@ impl Drop for QueuePair {
     }
 }
 
+/// The wake-up side of an interrupt-driven queue pair (see
+/// [`Controller::create_queue_pair_irq`](crate::Controller::create_queue_pair_irq)).
+///
+/// A non-blocking eventfd that becomes readable after the queue's completion queue raised its
+/// MSI-X vector. It is either a duplicate of the vector's own eventfd (the queue has the vector
+/// to itself) or a private eventfd that the vector's relay thread signals (the vector is shared,
+/// and every queue on it is woken). Either way it only says "look at the completion queue":
+/// it may fire with nothing new there (a shared vector, a completion already reaped), and the
+/// counter tells nothing about how many completions arrived.
+///
+/// The owner of the queue pair waits on [`Notifier::fd`] (epoll, poll) and, before polling the
+/// completion queue, calls [`Notifier::drain`]: a completion that lands after the drain leaves
+/// the fd readable, so the next wait returns at once instead of missing it.
+pub struct Notifier {
+    fd: EventFd,
+    vector: u16,
+    relayed: bool,
+}
+
+impl Notifier {
+    pub(crate) fn new(fd: EventFd, vector: u16, relayed: bool) -> Self {
+        Notifier { fd, vector, relayed }
+    }
+
+    /// The eventfd to wait on for readability. It stays open while the `Notifier` lives.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Resets the eventfd with one non-blocking read and returns the count it held (0 when
+    /// nothing had fired). Never blocks.
+    pub fn drain(&self) -> u64 {
+        match self.fd.read() {
+            Ok(n) => n,
+            // EAGAIN: nothing fired. Any other error cannot happen on an eventfd we created;
+            // reporting "nothing" makes the caller poll its queue and wait again, which is safe.
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "reading a queue notifier failed");
+                }
+                0
+            }
+        }
+    }
+
+    /// Signals the notifier by hand, as an interrupt would (for tests, or to wake a waiter).
+    pub fn notify(&self) -> io::Result<()> {
+        self.fd.write(1)
+    }
+
+    /// The MSI-X vector behind this notifier.
+    pub fn vector(&self) -> u16 {
+        self.vector
+    }
+
+    /// Whether the vector is shared and a relay thread forwards its interrupts here (one
+    /// thread hop more than a vector of its own).
+    pub fn is_relayed(&self) -> bool {
+        self.relayed
+    }
+}
+
+impl AsRawFd for Notifier {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("vector", &self.vector)
+            .field("relayed", &self.relayed)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +386,17 @@ mod tests {
         let cid = 5u16 << SLOT_BITS | 17;
         assert_eq!(cid & SLOT_MASK, 17);
         assert_eq!(cid >> SLOT_BITS, 5);
+    }
+
+    #[test]
+    fn notifier_counts_and_drains() {
+        let n = Notifier::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 3, true);
+        assert_eq!(n.drain(), 0, "nothing fired yet, and drain must not block");
+        n.notify().unwrap();
+        n.notify().unwrap();
+        assert_eq!(n.drain(), 2);
+        assert_eq!(n.drain(), 0);
+        assert_eq!(n.vector(), 3);
+        assert!(n.is_relayed());
     }
 }

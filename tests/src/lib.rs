@@ -2,3 +2,4 @@
 
 pub mod cases;
 pub mod conformance;
+pub mod irq_cases;
