@@ -34,6 +34,7 @@ use crate::kernel::{self, KernelAio};
 use crate::limits::{self, Slots};
 use crate::pool::{PageId, PagePool};
 use crate::ring::Ring;
+use crate::wait::{CompletionMode, HybridSpin, Waiter};
 
 /// An errno, as the kernel's AIO calls return them (positive here; the C ABI negates).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +59,21 @@ pub struct ContextOptions {
     /// Bounce memory allocated per queue pair up front, and the most it may grow to.
     pub bounce_initial: usize,
     pub bounce_max: usize,
+    /// How completions are noticed: polling, interrupts, or a short adaptive spin and then
+    /// interrupts. Without MSI-X (or where enabling it failed) queues fall back to polling.
+    pub mode: CompletionMode,
+}
+
+/// The default completion mode: `NVAIO_MODE` (`polled`, `interrupt` or `hybrid`) if set, so
+/// that an application using the C ABI can choose without code changes; else polled.
+fn mode_from_env() -> CompletionMode {
+    match std::env::var("NVAIO_MODE") {
+        Ok(v) => v.parse().unwrap_or_else(|e| {
+            tracing::warn!("NVAIO_MODE: {e}; using polled mode");
+            CompletionMode::Polled
+        }),
+        Err(_) => CompletionMode::Polled,
+    }
 }
 
 impl Default for ContextOptions {
@@ -67,6 +83,7 @@ impl Default for ContextOptions {
             command_timeout: Duration::from_secs(30),
             bounce_initial: 2 << 20,
             bounce_max: 64 << 20,
+            mode: mode_from_env(),
         }
     }
 }
@@ -241,6 +258,17 @@ pub struct Context {
     files: Vec<(RawFd, Arc<NvmeFile>, u16)>,
     epoch: u64,
     opts: ContextOptions,
+    /// Interrupt and hybrid modes: sleeps on the queue notifiers and `ctx_event`.
+    waiter: Option<Waiter>,
+    /// An eventfd of the context's own, in the waiter: signalled by the kernel when a request
+    /// handed to its AIO completes, and by `submit` when it leaves events in the ring, so the
+    /// notification descriptor sees every event.
+    ctx_event: Option<vmm_sys_util::eventfd::EventFd>,
+    /// Notifiers of the interrupt-driven queue pairs, kept as long as their queues.
+    notifiers: Vec<nvaio_nvme::queue::Notifier>,
+    /// Queue pairs that fell back to polling (no interrupts): waiting must spin for them.
+    polled_queues: usize,
+    spin: HybridSpin,
     polls_since_check: u32,
     next_expiry_check: Instant,
     stats: ContextStats,
@@ -260,6 +288,16 @@ impl Context {
     pub fn with_options(nr_events: u32, opts: ContextOptions) -> Result<Context, Errno> {
         let cpus = limits::possible_cpus();
         let (nr, reservation) = limits::setup(nr_events, cpus)?;
+        let (waiter, ctx_event) = if opts.mode.uses_interrupts() {
+            let fail = |e: std::io::Error| Errno(e.raw_os_error().unwrap_or(libc::ENOMEM));
+            let mut w = Waiter::new().map_err(fail)?;
+            let ev = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(fail)?;
+            w.add(std::os::fd::AsRawFd::as_raw_fd(&ev)).map_err(fail)?;
+            (Some(w), Some(ev))
+        } else {
+            (None, None)
+        };
         let ring = Ring::new(nr).map_err(|_| Errno(libc::ENOMEM))?;
         let max_reqs = nr_events;
         // The slot accounting never lets more than nr - 1 requests be in flight or unreaped.
@@ -301,6 +339,11 @@ impl Context {
             files: Vec::new(),
             epoch: file::EPOCH.load(Ordering::Acquire),
             opts,
+            waiter,
+            ctx_event,
+            notifiers: Vec::new(),
+            polled_queues: 0,
+            spin: HybridSpin::default(),
             polls_since_check: 0,
             next_expiry_check: Instant::now(),
             stats: ContextStats::default(),
@@ -325,6 +368,25 @@ impl Context {
 
     pub fn stats(&self) -> ContextStats {
         self.stats
+    }
+
+    /// The context's notification descriptor, in interrupt and hybrid modes: an epoll
+    /// descriptor that becomes readable when events may be waiting, for the application's own
+    /// epoll set or poll(2). Call `get_events` when it fires (that also resets it).
+    pub fn notification_fd(&self) -> Option<RawFd> {
+        self.waiter.as_ref().map(Waiter::fd)
+    }
+
+    /// The completion mode this context was set up with.
+    pub fn mode(&self) -> CompletionMode {
+        self.opts.mode
+    }
+
+    /// What the controllers behind this context's queues reported through Asynchronous Event
+    /// Requests since the last call (SMART warnings, namespace changes). Each event is also
+    /// logged when it arrives.
+    pub fn take_async_events(&self) -> Vec<nvaio_nvme::controller::AsyncEvent> {
+        self.queues.iter().flat_map(|q| q.ctrl.take_async_events()).collect()
     }
 
     /// The NVMe queue statistics of each queue pair this context created.
@@ -358,10 +420,34 @@ impl Context {
             .queue_entries
             .unwrap_or_else(|| (self.max_reqs.min(1023) + 1) as u16)
             .clamp(2, ctrl.max_queue_entries());
-        let qp = ctrl.create_queue_pair(entries).map_err(|e| {
+        let create_failed = |e: nvaio_nvme::ControllerError| {
             tracing::warn!("cannot create an I/O queue pair: {e}");
             Errno(libc::EAGAIN)
-        })?;
+        };
+        let mut irq_qp = None;
+        if let Some(w) = self.waiter.as_mut() {
+            match ctrl.create_queue_pair_irq(entries) {
+                Ok((qp, notifier)) => {
+                    w.add(notifier.fd())
+                        .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+                    self.notifiers.push(notifier);
+                    irq_qp = Some(qp);
+                }
+                Err(nvaio_nvme::ControllerError::NoInterrupts { dev, why }) => {
+                    tracing::warn!("{dev}: no interrupts ({why}); this queue pair is polled");
+                }
+                Err(e) => return Err(create_failed(e)),
+            }
+        }
+        let qp = match irq_qp {
+            Some(qp) => qp,
+            None => {
+                if self.waiter.is_some() {
+                    self.polled_queues += 1;
+                }
+                ctrl.create_queue_pair(entries).map_err(create_failed)?
+            }
+        };
         let pool = PagePool::new(
             ctrl.device().dma_mapper(),
             self.opts.bounce_initial,
@@ -460,6 +546,18 @@ impl Context {
     /// the reverse); EINVAL for an unknown opcode, a reserved field that is not zero, a negative
     /// offset, or too many iovecs; EOPNOTSUPP for unknown `aio_rw_flags`.
     pub fn submit(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
+        let r = self.submit_batch(iocbs);
+        // Events completed inside submit (POLL, errors reported as events) must show on the
+        // notification descriptor too.
+        if let Some(ev) = &self.ctx_event {
+            if self.ring.pending() > 0 {
+                let _ = ev.write(1);
+            }
+        }
+        r
+    }
+
+    fn submit_batch(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
         let now = Instant::now();
         let mut queued = 0;
         let mut first_err = None;
@@ -645,16 +743,29 @@ impl Context {
         &mut self,
         r: u32,
         iocb: &Iocb,
-        _resfd: RawFd,
+        resfd: RawFd,
         now: Instant,
     ) -> Result<(), Errno> {
         if self.kernel.is_none() {
             self.kernel = Some(KernelAio::new(self.reqs.len() as u32)?);
         }
         let kernel = self.kernel.as_mut().expect("just created");
-        // The kernel signals the application's eventfd itself, so nvaio does not (resfd -1).
-        kernel.submit(r, iocb)?;
-        self.start(r, iocb, Kind::Kernel, -1, now);
+        match &self.ctx_event {
+            // Interrupt and hybrid modes sleep on the context's eventfd: the kernel signals it,
+            // and nvaio signals the application's own eventfd when it posts the event.
+            Some(ev) => {
+                let mut copy = *iocb;
+                copy.aio_flags |= abi::IOCB_FLAG_RESFD;
+                copy.aio_resfd = std::os::fd::AsRawFd::as_raw_fd(ev) as u32;
+                kernel.submit(r, &copy)?;
+                self.start(r, iocb, Kind::Kernel, resfd, now);
+            }
+            // Polled mode reads the kernel's ring; the kernel signals the application's eventfd.
+            None => {
+                kernel.submit(r, iocb)?;
+                self.start(r, iocb, Kind::Kernel, -1, now);
+            }
+        }
         // The kernel enforces its own limits on kernel requests; nvaio's deadline does not apply.
         self.reqs[r as usize].deadline = now + Duration::from_secs(u64::from(u32::MAX));
         self.kernel_in_flight += 1;
@@ -955,6 +1066,11 @@ impl Context {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut got = 0;
         loop {
+            // Reset the notifiers before looking: anything completing after this leaves one
+            // readable, so the wait below cannot sleep through it.
+            if let Some(w) = &self.waiter {
+                w.drain();
+            }
             let mut now_check = None;
             if self.in_flight > 0 {
                 self.poll_queues();
@@ -976,17 +1092,43 @@ impl Context {
                     return Ok(got);
                 }
             }
-            if self.in_flight == 0 && self.ring.pending() == 0 {
-                // Nothing can arrive: no request is outstanding and this context is ours alone.
-                // Sleep out the timeout rather than spin (with no timeout the kernel would block
-                // for ever; so do we, but without burning a CPU).
-                match deadline {
-                    Some(d) => std::thread::sleep(d.saturating_duration_since(Instant::now())),
-                    None => std::thread::sleep(Duration::from_secs(3600)),
-                }
+            // Polled mode spins, whether or not anything is in flight: that is what it is for.
+            // So does a context that has a polled queue with requests on it.
+            if self.waiter.is_none() || (self.polled_queues > 0 && self.in_flight > 0) {
+                std::hint::spin_loop();
                 continue;
             }
-            std::hint::spin_loop();
+            self.sleep_until_completion(deadline);
+        }
+    }
+
+    /// Interrupt and hybrid modes: sleeps until a notifier fires, the deadline passes, or it is
+    /// time to check request deadlines. Hybrid mode spins for its adaptive budget first.
+    fn sleep_until_completion(&mut self, deadline: Option<Instant>) {
+        let start = Instant::now();
+        if self.opts.mode == CompletionMode::Hybrid && self.in_flight > 0 {
+            let mut spin = std::mem::take(&mut self.spin);
+            let caught = spin.spin(|| self.poll_queues() > 0);
+            self.spin = spin;
+            if caught {
+                return;
+            }
+        }
+        let now = Instant::now();
+        let mut limit = deadline.map(|d| d.saturating_duration_since(now));
+        if self.in_flight > 0 {
+            // Wake up in time to fail requests past their deadline.
+            let check = self.next_expiry_check.saturating_duration_since(now);
+            limit = Some(limit.map_or(check, |l| l.min(check)));
+        }
+        if let Some(w) = &self.waiter {
+            // An interrupted or failed wait just means another round.
+            let _ = w.wait(limit);
+        }
+        // Check deadlines on the next round, since time passed while asleep.
+        self.polls_since_check = 255;
+        if self.opts.mode == CompletionMode::Hybrid && self.in_flight > 0 {
+            self.spin.record(start.elapsed(), false);
         }
     }
 

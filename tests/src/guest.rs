@@ -7,6 +7,7 @@
 //! An optional first argument runs only the cases whose name contains it.
 
 use nvaio_tests::cases::{run_all, Target};
+use nvaio_tests::{irq_cases, mode_cases};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -32,9 +33,11 @@ fn main() {
                     expect_size: env(&format!("NVAIO_DEV{i}_SIZE")).and_then(|v| v.parse().ok()),
                     expect_serial: env(&format!("NVAIO_DEV{i}_SERIAL")),
                 };
-                let (p, f) = run_all(&prefix, &t, filter.as_deref());
-                passed += p;
-                failed += f;
+                for run in [run_all, irq_cases::run_all, mode_cases::run_all] {
+                    let (p, f) = run(&prefix, &t, filter.as_deref());
+                    passed += p;
+                    failed += f;
+                }
             }
             Err(e) => {
                 println!("FAIL {prefix}open: {e}");

@@ -3,3 +3,4 @@
 pub mod cases;
 pub mod conformance;
 pub mod irq_cases;
+pub mod mode_cases;
