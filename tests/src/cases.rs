@@ -457,8 +457,19 @@ fn resfd(t: &Target) -> CaseResult {
 
 /// Runs every case, printing one line each; returns (passed, failed).
 pub fn run_all(prefix: &str, t: &Target, filter: Option<&str>) -> (usize, usize) {
+    run_cases(all(), prefix, t, filter)
+}
+
+/// Runs `cases` (those whose name contains `filter`, if given), printing `ok   NAME` or
+/// `FAIL NAME: why` for each; a panicking case fails alone. Returns (passed, failed).
+pub fn run_cases(
+    cases: Vec<Case>,
+    prefix: &str,
+    t: &Target,
+    filter: Option<&str>,
+) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
-    for case in all() {
+    for case in cases {
         if filter.is_some_and(|f| !case.name.contains(f)) {
             continue;
         }

@@ -31,38 +31,7 @@ pub fn all() -> Vec<Case> {
 /// Runs every case of [`all`], printing `ok   NAME` or `FAIL NAME: why`; returns (passed,
 /// failed). `filter` keeps the cases whose name contains it.
 pub fn run_all(prefix: &str, t: &Target, filter: Option<&str>) -> (usize, usize) {
-    run_cases(all(), prefix, t, filter)
-}
-
-/// The runner behind `run_all`, shared with the completion-mode cases.
-pub fn run_cases(
-    cases: Vec<Case>,
-    prefix: &str,
-    t: &Target,
-    filter: Option<&str>,
-) -> (usize, usize) {
-    let (mut passed, mut failed) = (0, 0);
-    for case in cases {
-        if filter.is_some_and(|f| !case.name.contains(f)) {
-            continue;
-        }
-        let name = format!("{prefix}{}", case.name);
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (case.run)(t))) {
-            Ok(Ok(())) => {
-                println!("ok   {name}");
-                passed += 1;
-            }
-            Ok(Err(why)) => {
-                println!("FAIL {name}: {why}");
-                failed += 1;
-            }
-            Err(_) => {
-                println!("FAIL {name}: panicked");
-                failed += 1;
-            }
-        }
-    }
-    (passed, failed)
+    crate::cases::run_cases(all(), prefix, t, filter)
 }
 
 macro_rules! check {

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use nvaio::wait::CompletionMode;
 use nvaio::{Access, Context, ContextOptions, IoEvent, Iocb};
 
+use crate::cases::run_cases;
 use crate::cases::{Case, CaseResult, Target};
-use crate::irq_cases::{run_cases, thread_cpu};
+use crate::irq_cases::thread_cpu;
 
 use CompletionMode::{Hybrid, Interrupt, Polled};
 

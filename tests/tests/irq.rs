@@ -406,7 +406,7 @@ fn guest_irq_cases_on_the_emulated_controller() {
         };
         let cases =
             irq_cases::all().into_iter().filter(|c| !c.name.contains("temperature")).collect();
-        let (passed, failed) = irq_cases::run_cases(cases, "emu/", &t, None);
+        let (passed, failed) = nvaio_tests::cases::run_cases(cases, "emu/", &t, None);
         assert_eq!(failed, 0, "{vectors} vectors: {failed} cases failed (see FAIL lines above)");
         assert_eq!(passed, 4);
     }
