@@ -31,21 +31,7 @@ impl Ring {
     pub fn new(nr: u32) -> std::io::Result<Ring> {
         let want = HEADER + nr as usize * EVENT;
         let len = want.div_ceil(4096) * 4096;
-        // SAFETY: an anonymous private mapping of fresh pages; checked below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(addr.cast::<u8>()).expect("mmap returned null");
+        let ptr = nvaio_dma::region::map_anonymous(len)?;
         let nr = ((len - HEADER) / EVENT) as u32;
         let header = AioRingHeader {
             id: 0,

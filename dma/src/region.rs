@@ -46,6 +46,27 @@ pub trait DmaMapper: Send + Sync {
     fn unmap(&self, iova: u64, len: usize);
 }
 
+/// Maps `len` bytes of fresh, zeroed, populated anonymous memory (page aligned). The caller owns
+/// the mapping and releases it with `munmap`.
+pub fn map_anonymous(len: usize) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory; the result is checked before use.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    NonNull::new(addr.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))
+}
+
 /// Page-aligned, locked memory mapped for DMA.
 pub struct DmaRegion {
     ptr: NonNull<u8>,
@@ -64,22 +85,7 @@ impl DmaRegion {
     /// Allocates `len` bytes (rounded up to whole pages), zeroed, locked in RAM, and maps them.
     pub fn alloc(mapper: Arc<dyn DmaMapper>, len: usize) -> Result<Self, DmaError> {
         let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
-        // existing memory; the result is checked before use.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(DmaError::Alloc { len, source: std::io::Error::last_os_error() });
-        }
-        let ptr = NonNull::new(addr.cast::<u8>()).expect("mmap returned a null mapping");
+        let ptr = map_anonymous(len).map_err(|source| DmaError::Alloc { len, source })?;
         let release = |ptr: NonNull<u8>| {
             // SAFETY: `ptr..ptr+len` is the mapping made above and nothing else refers to it.
             unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
