@@ -1066,11 +1066,6 @@ impl Context {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut got = 0;
         loop {
-            // Reset the notifiers before looking: anything completing after this leaves one
-            // readable, so the wait below cannot sleep through it.
-            if let Some(w) = &self.waiter {
-                w.drain();
-            }
             let mut now_check = None;
             if self.in_flight > 0 {
                 self.poll_queues();
@@ -1081,16 +1076,20 @@ impl Context {
             got += self.ring.pop_into(&mut out[got..]);
             // As fs/aio.c: done once min_nr events are in hand (at once for min_nr 0), taking
             // whatever else was already there up to nr.
-            if got >= min_nr {
-                return Ok(got);
-            }
-            if now_check.is_none() {
-                now_check = self.tick();
-            }
-            if let Some(d) = deadline {
-                if now_check.unwrap_or_else(Instant::now) >= d {
-                    return Ok(got);
+            let timed_out = got < min_nr && {
+                if now_check.is_none() {
+                    now_check = self.tick();
                 }
+                deadline.is_some_and(|d| now_check.unwrap_or_else(Instant::now) >= d)
+            };
+            if got >= min_nr || timed_out {
+                if got == 0 {
+                    // Returning empty-handed: consume pending notifier signals, so the
+                    // notification descriptor goes quiet, taking anything that completed
+                    // meanwhile. While events flow this is skipped: it costs a system call.
+                    got += self.rearm_and_poll(&mut out[got..]);
+                }
+                return Ok(got);
             }
             // Polled mode spins, whether or not anything is in flight: that is what it is for.
             // So does a context that has a polled queue with requests on it.
@@ -1100,6 +1099,17 @@ impl Context {
             }
             self.sleep_until_completion(deadline);
         }
+    }
+
+    /// Consumes pending notifier signals (so the notification descriptor goes quiet), then polls
+    /// once more for what completed meanwhile.
+    fn rearm_and_poll(&mut self, out: &mut [IoEvent]) -> usize {
+        let Some(w) = &self.waiter else { return 0 };
+        w.drain();
+        if self.in_flight > 0 {
+            self.poll_queues();
+        }
+        self.ring.pop_into(out)
     }
 
     /// Interrupt and hybrid modes: sleeps until a notifier fires, the deadline passes, or it is
@@ -1114,6 +1124,8 @@ impl Context {
                 return;
             }
         }
+        // No need to look again: the queues were polled just before, and anything completing
+        // since left an unconsumed signal that ends this wait at once (see `crate::wait`).
         let now = Instant::now();
         let mut limit = deadline.map(|d| d.saturating_duration_since(now));
         if self.in_flight > 0 {

@@ -13,19 +13,22 @@
 //! after its completion queue raised an interrupt. A context registers all of them with one
 //! [`Waiter`] and waits like this:
 //!
-//! 1. [`Waiter::drain`]: reset every notifier (non-blocking reads);
-//! 2. poll the completion queues and take what is there;
-//! 3. only if that found nothing, [`Waiter::wait`] with what is left of the timeout.
+//! 1. poll the completion queues and take what is there;
+//! 2. only if that found nothing, [`Waiter::wait`] with what is left of the timeout.
 //!
-//! A completion posted after step 1 leaves its notifier readable, so step 3 returns at once
-//! instead of sleeping through it: no wake-up is lost, and the worst case is one spurious round.
+//! The notifiers are watched edge-triggered: every signal of a notifier since the waiter last
+//! looked is a readiness event, and [`Waiter::wait`] consumes those events as it returns. A
+//! completion posted after the last wait therefore makes the next wait return at once instead
+//! of sleeping through it: no wake-up is lost, and the worst case is one spurious round. Nobody
+//! reads the eventfds, so a sleep costs one system call (`epoll_pwait2`), not one per notifier.
+//! [`Waiter::drain`] consumes pending events without sleeping.
 //!
 //! The waiter's epoll descriptor ([`Waiter::fd`]) is readable exactly when some notifier is,
 //! which makes it the context's notification descriptor: an application adds it to its own
 //! epoll set and calls `io_getevents` when it fires.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -97,6 +100,9 @@ impl FromStr for CompletionMode {
     }
 }
 
+/// Events one epoll call collects; more simply take another call.
+const EVENTS_PER_WAIT: usize = 16;
+
 /// Sleeps until one of a set of eventfds is signalled. See the [module docs](self) for the
 /// protocol that makes this race-free.
 pub struct Waiter {
@@ -114,8 +120,9 @@ impl Waiter {
         Ok(Waiter { epoll: Epoll::new()?, fds: Vec::new() })
     }
 
-    /// Watches `fd`, a non-blocking eventfd (a queue's notifier), for readability. The waiter
-    /// keeps its own duplicate, so `fd` may be closed afterwards.
+    /// Watches `fd`, a non-blocking eventfd (a queue's notifier): each signal of it from now on
+    /// wakes the waiter once (edge-triggered). The waiter keeps its own duplicate, so `fd` may
+    /// be closed afterwards.
     ///
     /// Errors: EBADF if `fd` is not open; EINVAL if it is blocking (draining it could block);
     /// EMFILE; those of `epoll_ctl`.
@@ -139,7 +146,7 @@ impl Waiter {
         self.epoll.ctl(
             ControlOperation::Add,
             file.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
         )?;
         self.fds.push(file);
         Ok(())
@@ -154,48 +161,71 @@ impl Waiter {
         self.fds.is_empty()
     }
 
-    /// Resets every watched eventfd with one non-blocking read each; returns the sum of the
-    /// counts read (0: nothing had fired). Never blocks.
+    /// Consumes the signals that arrived since the last wait, without sleeping; returns how many
+    /// descriptors had fired (0: none).
     pub fn drain(&self) -> u64 {
-        let mut total = 0u64;
-        for mut f in &self.fds {
-            let mut buf = [0u8; 8];
-            // EAGAIN (nothing fired) is the common answer; an eventfd read has no other
-            // failure mode worth reporting here, and a missed count only costs a spurious round.
-            if let Ok(8) = f.read(&mut buf) {
-                total = total.saturating_add(u64::from_ne_bytes(buf));
+        let mut total = 0;
+        loop {
+            let n = self.collect(Some(Duration::ZERO)).unwrap_or(0);
+            total += n as u64;
+            if n < EVENTS_PER_WAIT {
+                return total;
             }
         }
-        total
     }
 
-    /// Sleeps until a watched descriptor is readable (`Ok(true)`) or `timeout` passes
-    /// (`Ok(false)`); `None` waits without limit, `Some(ZERO)` only looks. Does not drain
-    /// anything. A signal does not cut the wait short: it resumes with the time that is left.
+    /// Sleeps until a watched descriptor is signalled (`Ok(true)`) or `timeout` passes
+    /// (`Ok(false)`); `None` waits without limit, `Some(ZERO)` only looks. The signals it
+    /// reports are consumed. A signal handler does not cut the wait short: it resumes with the
+    /// time that is left.
     ///
-    /// Errors: those of ppoll(2) other than EINTR (ENOMEM).
+    /// Errors: those of epoll_pwait2(2) other than EINTR.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        Ok(self.collect(timeout)? > 0)
+    }
+
+    /// One epoll_pwait2 (epoll_wait on kernels before 5.11), retried on EINTR with the time
+    /// left; returns how many events it consumed.
+    fn collect(&self, timeout: Option<Duration>) -> io::Result<usize> {
         // A timeout too large to add to the clock is no limit at all.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
         loop {
-            let ts = deadline.map(|d| {
-                let left = d.saturating_duration_since(Instant::now());
-                libc::timespec {
-                    tv_sec: left.as_secs().min(i64::MAX as u64) as libc::time_t,
-                    tv_nsec: left.subsec_nanos() as libc::c_long,
-                }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let ts = left.map(|l| libc::timespec {
+                tv_sec: l.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: l.subsec_nanos() as libc::c_long,
             });
             let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-            let mut pfd =
-                libc::pollfd { fd: self.epoll.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd; `ts_ptr` is null or points at `ts`, alive for the call;
-            // a null signal mask leaves the thread's mask alone.
-            let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
-            if r > 0 {
-                return Ok(true);
+            // SAFETY: the event array and timespec outlive the call; a null signal mask leaves
+            // the thread's mask alone.
+            let mut r = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    EVENTS_PER_WAIT as libc::c_int,
+                    ts_ptr,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            } as i64;
+            if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                // Millisecond resolution, rounded up so a short timeout is not a busy loop.
+                let ms = left
+                    .map_or(-1, |l| l.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32);
+                // SAFETY: as above.
+                r = unsafe {
+                    libc::epoll_wait(
+                        self.epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        EVENTS_PER_WAIT as libc::c_int,
+                        ms,
+                    )
+                } as i64;
             }
-            if r == 0 {
-                return Ok(false);
+            if r >= 0 {
+                return Ok(r as usize);
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -204,7 +234,7 @@ impl Waiter {
         }
     }
 
-    /// The epoll descriptor: readable while any watched eventfd is. This is the per-context
+    /// The epoll descriptor: readable while signals wait to be consumed. This is the per-context
     /// notification descriptor an application may add to its own epoll set or poll(2); it
     /// closes with the waiter.
     pub fn fd(&self) -> RawFd {
@@ -351,9 +381,11 @@ mod tests {
         assert!(w.wait(Some(Duration::from_secs(10))).unwrap(), "woken, not timed out");
         assert!(start.elapsed() < Duration::from_secs(5));
         t.join().unwrap();
-        // Still readable until drained; then the next wait times out.
-        assert!(w.wait(Some(Duration::ZERO)).unwrap());
-        assert_eq!(w.drain(), 3);
+        // The wait consumed the signal: the next one times out, until a new signal.
+        assert!(!w.wait(Some(Duration::ZERO)).unwrap());
+        b.write(1).unwrap();
+        a.write(1).unwrap();
+        assert_eq!(w.drain(), 2, "both descriptors fired");
         assert_eq!(w.drain(), 0);
         assert!(!w.wait(Some(Duration::ZERO)).unwrap());
     }
@@ -383,6 +415,7 @@ mod tests {
         drop(a);
         writer.write(1).unwrap();
         assert!(w.wait(Some(Duration::ZERO)).unwrap());
+        writer.write(1).unwrap();
         assert_eq!(w.drain(), 1);
     }
 
