@@ -106,7 +106,7 @@ struct io_iocb_poll {
  * has been reaped: the event's obj is its address. */
 struct iocb {
 	void *data;		 /* returned in io_event.data */
-	unsigned key;		 /* set to 0 by io_submit (the kernel's KIOCB_KEY) */
+	unsigned key;		 /* set to 0 by io_submit (the kernel's KIOCB_KEY), see io_submit */
 	unsigned aio_rw_flags;	 /* RWF_* flags of preadv2/pwritev2 */
 	short aio_lio_opcode;	 /* enum io_iocb_cmd */
 	short aio_reqprio;
@@ -234,8 +234,11 @@ static inline void io_set_eventfd(struct iocb *iocb, int eventfd)
 /* ---- The AIO calls ---- */
 
 /* Create a context for up to maxevents requests in flight and store it in *ctxp, which must be 0
- * (NULL) on entry. Returns 0, or -EFAULT (ctxp NULL), -EINVAL (*ctxp not 0, maxevents <= 0 or
- * too large), -EAGAIN (system-wide event limit, /proc/sys/fs/aio-max-nr), -ENOMEM. */
+ * (NULL) on entry. As with the kernel, whose count is unsigned and to which libaio passes the int
+ * as is, a negative maxevents is a very large count: -1 is -EINVAL (too large), INT_MIN -EAGAIN
+ * (the kernel's doubling wraps it to 0). Returns 0, or -EFAULT (ctxp NULL; checked first),
+ * -EINVAL (*ctxp not 0, maxevents 0 or too large), -EAGAIN (system-wide event limit,
+ * /proc/sys/fs/aio-max-nr), -ENOMEM. */
 int io_setup(int maxevents, io_context_t *ctxp);
 
 /* Wait for the context's requests in flight, then release it; unreaped events are dropped and
@@ -243,26 +246,49 @@ int io_setup(int maxevents, io_context_t *ctxp);
  * (nvaio failed internally in this context, which is then released without waiting). */
 int io_destroy(io_context_t ctx);
 
-/* Queue nr requests; returns how many were queued, which may be fewer (the rest were not
- * looked at, or the next one was refused). Fails only if none was queued: -EINVAL (nr < 0, ctx
- * not a live context, bad opcode, reserved field not 0, negative offset, too many iovecs),
- * -EFAULT (ios NULL, or ios[0] NULL or misaligned), -EAGAIN (context full), -EBADF (descriptor
+/* Queue nr requests (nr larger than the context's ring is cut to it, as the kernel does);
+ * returns how many were queued, which may be fewer (the next one was refused, or was a NULL
+ * pointer: the rest are not looked at). Fails only if none was queued: -EINVAL (nr < 0, ctx not
+ * a live context, bad opcode, reserved field not 0, negative offset, too many iovecs), -EFAULT
+ * (ios NULL, or ios[0] NULL or not 8-byte aligned), -EAGAIN (context full), -EBADF (descriptor
  * not open, or open without the access the request needs), -EOPNOTSUPP (unknown aio_rw_flags),
  * or an errno of the kernel's io_submit for a descriptor nvaio hands to the kernel. nr == 0
- * returns 0. Errors found after queueing come back as events with a negative res. */
+ * returns 0 (ios is not read). Errors found after queueing come back as events with a negative
+ * res.
+ * The key field is set to 0 exactly as the kernel sets it: in every queued iocb, and in a
+ * refused one that got past the checks the kernel makes before storing it (reserved field,
+ * negative size, a free slot, an open descriptor, an eventfd for IOCB_FLAG_RESFD); an iocb
+ * refused by one of those, or not looked at, keeps its key.
+ * Unlike the kernel, nvaio refuses an iocb whose address is not 8-byte aligned (-EFAULT, or the
+ * count so far): it identifies requests by their iocb's address and reads iocbs in place. */
 int io_submit(io_context_t ctx, long nr, struct iocb *ios[]);
 
 /* Start cancelling the request submitted with iocb; the outcome arrives as its event (res
- * -ECANCELED if it was stopped). evt is not written. Returns -EINPROGRESS when cancellation
- * started (the usual outcome), or -EINVAL (ctx not live; iocb not submitted to ctx or already
- * completed; a kernel file's request the kernel cannot cancel), -EFAULT (iocb NULL). */
+ * -ECANCELED if it was stopped). evt is not written. As with the kernel, iocb's key is checked
+ * before ctx: -EFAULT (iocb NULL), then -EINVAL (key not 0: never submitted). Returns
+ * -EINPROGRESS when cancellation started (the usual outcome), or -EFAULT, -EINVAL (key not 0;
+ * ctx not live; iocb not submitted to ctx or already completed; a kernel file's request the
+ * kernel cannot cancel). */
 int io_cancel(io_context_t ctx, struct iocb *iocb, struct io_event *evt);
 
-/* Wait until at least min_nr events are available or timeout (relative; NULL = no limit; zero =
- * do not wait) has passed, and move up to nr of them into events. Returns how many were stored
- * (fewer than min_nr only if the timeout passed), or -EINVAL (ctx not live; min_nr or nr
- * negative; min_nr > nr; tv_sec < 0 or tv_nsec outside 0..999999999), -EFAULT (events NULL with
- * nr > 0). With nr == 0 it only lets nvaio move finished requests into the ring (see above). */
+/* Wait until at least min_nr events are available or timeout has passed, and move up to nr of
+ * them into events. With nr == 0 it only lets nvaio move finished requests into the ring (see
+ * above); with min_nr == 0 it returns after one look, whatever the timeout.
+ * The timeout is relative and, as with the kernel, not validated: it is taken as
+ * tv_sec * 1000000000 + tv_nsec nanoseconds. NULL waits without limit; a total of 0 does not
+ * wait; a negative total also waits without limit (only a signal ends it); so {0, 1000000000}
+ * waits one second and {1, -999000000} one millisecond.
+ * A signal whose handler runs during the wait ends it, as with the kernel: the call returns the
+ * events it has, or -EINTR if none, whether or not the handler has SA_RESTART. (While waiting,
+ * nvaio holds back the thread's signals except SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP and SIGSYS
+ * and lets them in while it sleeps, so none is missed; the mask is restored on return. A signal
+ * in the first 200 microseconds of a wait with requests in flight, which nvaio spends spinning,
+ * does not end it.) In interrupt and hybrid modes (NVAIO_MODE) the wait sleeps until a
+ * completion interrupt.
+ * Returns how many events were stored (fewer than min_nr if the timeout passed or a signal
+ * came), or -EINVAL (ctx not live; min_nr or nr negative; min_nr > nr), -EINTR, -EFAULT (events
+ * NULL with nr > 0, once there is an event to store: it stays in the ring; until then the call
+ * waits or returns 0 as usual). */
 int io_getevents(io_context_t ctx, long min_nr, long nr, struct io_event *events,
 		 struct timespec *timeout);
 

@@ -16,6 +16,13 @@
 //! `io_getevents` never holds the mutex while it waits: it makes non-blocking passes, each
 //! taking the mutex, until it has `min_nr` events or the timeout has passed.
 //!
+//! # Matching the kernel
+//! Arguments are read as fs/aio.c reads them, in its order, and `ci/conformance` compares every
+//! entry point with the kernel's system calls: `maxevents` is unsigned, a timespec is not
+//! validated (a negative one waits for ever), a signal ends a wait with -EINTR, `aio_key` is
+//! stored exactly where the kernel stores it, io_cancel reads the key before it looks for the
+//! context. Each function's documentation says how.
+//!
 //! # Panics
 //!
 //! No panic crosses into C: every entry point runs under `catch_unwind` and turns a panic into
@@ -27,6 +34,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::ffi::{c_char, c_int, c_long, c_uint, CStr, CString};
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -34,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use crate::abi::{AioRingHeader, IoEvent, Iocb};
 use crate::context::{Context, Errno};
+use crate::wait::CompletionMode;
 
 /// The opaque type `io_context_t` points to. C code never dereferences it as this type; ring
 /// readers cast it to `struct aio_ring *`.
@@ -122,36 +131,47 @@ fn set_last_error(msg: String) {
 /// `io_setup`: creates a context for up to `maxevents` requests in flight and stores its id in
 /// `*ctxp`, which must be 0 on entry.
 ///
-/// Returns 0, or: -EFAULT if `ctxp` is NULL; -EINVAL if `*ctxp` is not 0, `maxevents` is not
-/// positive or is larger than the kernel allows; -EAGAIN or -ENOMEM as `Context::setup`
-/// reports (system-wide event limit, memory).
+/// As with the kernel, whose `nr_events` is unsigned and to which libaio passes the `int`
+/// unchanged, `maxevents` is read as an unsigned count: a negative value is a very large one
+/// (-1 is 4294967295: -EINVAL, too large for a ring; `INT_MIN` is 2^31, which the kernel's
+/// doubling wraps to 0: -EAGAIN).
+///
+/// Returns 0, or: -EFAULT if `ctxp` is NULL; -EINVAL if `*ctxp` is not 0, `maxevents` is 0 or
+/// its ring would be larger than the kernel allows; -EAGAIN if it exceeds
+/// `/proc/sys/fs/aio-max-nr` (alone or with the process's other contexts); -ENOMEM.
 ///
 /// # Safety
-/// `ctxp` is NULL or points to a writable `io_context_t`.
+/// `ctxp` is NULL or points to a writable `io_context_t` (alignment is not required).
 #[no_mangle]
 pub unsafe extern "C" fn io_setup(maxevents: c_int, ctxp: *mut IoContextT) -> c_int {
     guarded(|| {
+        // fs/aio.c: get_user(*ctxp) first (EFAULT), then a non-zero *ctxp or nr_events 0.
         if ctxp.is_null() {
             return -libc::EFAULT;
         }
         // SAFETY: non-null, and the caller promises it points to an io_context_t.
-        if !unsafe { ctxp.read() }.is_null() || maxevents <= 0 {
+        let current = unsafe { ctxp.read_unaligned() };
+        let nr_events = maxevents as u32;
+        if !current.is_null() || nr_events == 0 {
             return -libc::EINVAL;
         }
-        let ctx = match Context::setup(maxevents as u32) {
+        let ctx = match Context::setup(nr_events) {
             Ok(ctx) => ctx,
             Err(e) => return neg(e),
         };
-        let id = ctx.id();
-        // SAFETY: the ring was just mapped and starts with its header; nobody but this thread
-        // knows its address yet.
-        let ring_nr = unsafe { (id as *const AioRingHeader).read() }.nr;
-        let slot = Arc::new(Slot { ctx: Mutex::new(Some(ctx)), ring_nr });
-        REGISTRY.write().unwrap_or_else(|e| e.into_inner()).insert(id, slot);
         // SAFETY: checked non-null above; the caller promises it is writable.
-        unsafe { ctxp.write(id as IoContextT) };
+        unsafe { ctxp.write_unaligned(register(ctx)) };
         0
     })
+}
+
+/// Makes `ctx` reachable through the C ABI and returns its `io_context_t`.
+fn register(ctx: Context) -> IoContextT {
+    let id = ctx.id();
+    let ring_nr = ctx.ring_entries();
+    let slot = Arc::new(Slot { ctx: Mutex::new(Some(ctx)), ring_nr });
+    REGISTRY.write().unwrap_or_else(|e| e.into_inner()).insert(id, slot);
+    id as IoContextT
 }
 
 /// `io_queue_init`: libaio's other name for [`io_setup`]; same arguments, same errors.
@@ -211,28 +231,41 @@ pub extern "C" fn io_queue_release(ctx: IoContextT) -> c_int {
     io_destroy(ctx)
 }
 
-/// `io_submit`: queues `nr` requests and returns how many were queued. Each iocb's `key` is set
-/// to 0 first, as the kernel sets it to KIOCB_KEY. If the first request is refused its error
-/// is returned; a later refusal ends the batch and the count so far is returned. `nr` larger
-/// than the ring is clamped to the ring's size, as the kernel does. Errors found after queueing
-/// arrive as events with a negative `res`.
+/// `io_submit`: queues `nr` requests and returns how many were queued. If the first request is
+/// refused its error is returned; a later refusal ends the batch and the count so far is
+/// returned. `nr` larger than the ring is clamped to the ring's size, as the kernel does. Errors
+/// found after queueing arrive as events with a negative `res`.
+///
+/// Each iocb's `key` is set to 0 (the kernel's KIOCB_KEY) exactly when the kernel would store
+/// it: fs/aio.c stores it once an iocb has passed the reserved-field and size checks, got a
+/// request slot, and named an open descriptor (and, with IOCB_FLAG_RESFD, an eventfd). So every
+/// queued iocb has key 0; a refused iocb has key 0 if it was refused after that point (opcode,
+/// flags, access mode, buffer, offset...) and keeps its key if refused before it (reserved
+/// field, negative size, -EAGAIN, bad descriptor or eventfd); iocbs after a refused one, or
+/// after a NULL entry, are not touched.
 ///
 /// Returns the number queued, or: -EINVAL if `nr` is negative, `ctx` is not a live context, or
 /// the first iocb is invalid (opcode, reserved fields, offset); -EFAULT if `ios` is NULL with
-/// `nr` > 0 or `ios[0]` is NULL or not 8-byte aligned (a later such entry ends the batch);
-/// -EAGAIN when the context is full; -EBADF for a namespace opened without the access the
-/// request needs; -EOPNOTSUPP for unknown `aio_rw_flags`; -EIO after a panic inside nvaio.
-/// An iocb on a descriptor nvaio does not own goes to the kernel's AIO, and the kernel's
-/// io_submit errors come back for it (-EBADF for a descriptor that is not open, -EINVAL for
-/// misaligned O_DIRECT, ...).
+/// `nr` > 0 or `ios[0]` is NULL (a NULL later on ends the batch: the count so far is returned),
+/// and also for an iocb pointer that is not 8-byte aligned, which the kernel would accept (see
+/// below); -EAGAIN when the context is full; -EBADF for a descriptor that is not open, or a
+/// namespace opened without the access the request needs; -EOPNOTSUPP for unknown
+/// `aio_rw_flags`; -EIO after a panic inside nvaio. An iocb on a descriptor nvaio does not own
+/// goes to the kernel's AIO, and the kernel's io_submit errors come back for it (-EINVAL for
+/// misaligned O_DIRECT, ...). `nr` 0 returns 0 without looking at `ios`.
+///
+/// Unlike the kernel, nvaio refuses an iocb at an address that is not 8-byte aligned (as a
+/// fault): the event's `obj` and io_cancel identify a request by its iocb's address, and the
+/// context reads iocbs in place.
 ///
 /// # Safety
-/// `ios` points to `nr` iocb pointers, each to a `struct iocb` that stays valid and unmodified
-/// until its event has been reaped, and whose buffers stay valid that long, exactly as with the
-/// kernel.
+/// `ios` points to `nr` iocb pointers (alignment is not required), each to a `struct iocb` that
+/// stays valid and unmodified until its event has been reaped, and whose buffers stay valid that
+/// long, exactly as with the kernel.
 #[no_mangle]
 pub unsafe extern "C" fn io_submit(ctx: IoContextT, nr: c_long, ios: *mut *mut Iocb) -> c_int {
     guarded(|| {
+        // fs/aio.c's order: nr < 0, then the context, then the entries one by one.
         if nr < 0 {
             return -libc::EINVAL;
         }
@@ -240,52 +273,155 @@ pub unsafe extern "C" fn io_submit(ctx: IoContextT, nr: c_long, ios: *mut *mut I
         if nr == 0 {
             return 0;
         }
-        if ios.is_null() || !ios.is_aligned() {
+        if ios.is_null() {
             return -libc::EFAULT;
         }
         let nr = (nr as u64).min(u64::from(slot.ring_nr)) as usize;
-        // Usable entries: up to the first NULL or misaligned pointer, which the kernel's copy
-        // would fault on. Each gets its key written before anything reads it.
-        let mut usable = 0;
-        while usable < nr {
-            // SAFETY: usable < nr, and the caller promises nr readable entries.
-            let p = unsafe { ios.add(usable).read() };
-            if p.is_null() || !p.is_aligned() {
-                break;
-            }
-            // SAFETY: non-null and aligned; the caller promises a writable struct iocb.
-            unsafe { std::ptr::addr_of_mut!((*p).aio_key).write(0) };
-            usable += 1;
-        }
-        if usable == 0 {
-            return -libc::EFAULT;
-        }
-        // SAFETY: the first `usable` entries are non-null, aligned pointers to iocbs the caller
-        // keeps valid and unmodified during the call; `*mut Iocb` and `&Iocb` have the same
-        // layout. The context records each iocb's address as the event's `obj`, which is why
-        // the caller's own iocbs are passed, not copies.
-        let iocbs: &[&Iocb] = unsafe { std::slice::from_raw_parts(ios.cast::<&Iocb>(), usable) };
         let mut guard = match lock(&slot) {
             Ok(g) => g,
             Err(e) => return neg(e),
         };
         let Some(context) = guard.as_mut() else { return -libc::EINVAL };
-        match context.submit(iocbs) {
-            // At most ring_nr (a u32 below 2^23): fits.
-            Ok(n) => n as c_int,
-            Err(e) => neg(e),
+        // At most ring_nr (a u32 below 2^23): fits.
+        let count = |queued: usize, e: Errno| if queued > 0 { queued as c_int } else { neg(e) };
+        let mut queued = 0;
+        // The iocbs go to the context a chunk at a time: each chunk's keys are stored before
+        // the context can complete any of its requests (as the kernel stores them before
+        // starting the I/O), and the old keys are kept here, on the stack, to put back where
+        // the kernel would not have written.
+        while queued < nr {
+            let mut ptrs = [std::ptr::null::<Iocb>(); SUBMIT_CHUNK];
+            let mut keys = [0u32; SUBMIT_CHUNK];
+            let mut len = 0;
+            let mut fault = false;
+            while len < SUBMIT_CHUNK && queued + len < nr {
+                // SAFETY: queued + len < nr, and the caller promises nr readable entries;
+                // read_unaligned because the array need not be aligned.
+                let p = unsafe { ios.add(queued + len).read_unaligned() };
+                if p.is_null() || !p.is_aligned() {
+                    // The kernel's copy_from_user faults on NULL: -EFAULT for this entry.
+                    fault = true;
+                    break;
+                }
+                // SAFETY: non-null and aligned; the caller promises a writable struct iocb.
+                unsafe {
+                    let key = std::ptr::addr_of_mut!((*p).aio_key);
+                    keys[len] = key.read();
+                    key.write(0);
+                }
+                ptrs[len] = p;
+                len += 1;
+            }
+            if len == 0 {
+                return count(queued, Errno(libc::EFAULT));
+            }
+            // SAFETY: the first `len` entries are non-null, aligned pointers to iocbs the caller
+            // keeps valid and unmodified during the call; `*const Iocb` and `&Iocb` have the same
+            // layout. The context records each iocb's address as the event's `obj`, which is
+            // why the caller's own iocbs are passed, not copies.
+            let iocbs: &[&Iocb] = unsafe { std::slice::from_raw_parts(ptrs.as_ptr().cast(), len) };
+            let (n, refused) = submit_chunk(context, iocbs);
+            queued += n;
+            if let Some(e) = refused {
+                let restore_refused = !reaches_key_store(iocbs[n], e);
+                // In reverse, so that an iocb listed twice ends with the key it had before its
+                // first listing.
+                for k in (n + 1..len).rev().chain(restore_refused.then_some(n)) {
+                    // SAFETY: an aligned, writable iocb of this chunk (see above).
+                    unsafe { std::ptr::addr_of_mut!((*ptrs[k].cast_mut()).aio_key).write(keys[k]) };
+                }
+                return count(queued, e);
+            }
+            if fault {
+                // The entry after this chunk is NULL: the kernel stops there.
+                return queued as c_int;
+            }
         }
+        queued as c_int
     })
 }
 
-/// How `io_getevents` waits between passes. Passes with requests in flight spin at first (an
-/// NVMe completion is microseconds away), then yield, then sleep briefly, so that a long wait
-/// costs little CPU; with nothing in flight only another thread's submission can produce an
-/// event, so it sleeps from the start, longer the longer the wait.
+/// Iocbs [`io_submit`] hands to the context per call (and whose keys it keeps on the stack).
+const SUBMIT_CHUNK: usize = 64;
+
+/// Submits `iocbs` and returns how many were queued and, if one was refused, why.
+/// `Context::submit` reports a refusal only when it is the first iocb's; for a later one it
+/// returns the count, and that iocb is then submitted alone to learn the errno. A refusal for
+/// the iocb's contents repeats; one for a full context repeats too, unless a request finished in
+/// between, and then the iocb is simply queued now.
+fn submit_chunk(context: &mut Context, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
+    let mut at = 0;
+    while at < iocbs.len() {
+        match context.submit(&iocbs[at..]) {
+            Ok(n) => at += n,
+            Err(e) => return (at, Some(e)),
+        }
+        if at < iocbs.len() {
+            match context.submit(&iocbs[at..at + 1]) {
+                Ok(n) => at += n,
+                Err(e) => return (at, Some(e)),
+            }
+        }
+    }
+    (at, None)
+}
+
+/// Whether the kernel, refusing `iocb` with `e`, had already stored its `aio_key`. In
+/// io_submit_one() and __io_submit_one() the order is: reserved field and size checks (EINVAL),
+/// a request slot (EAGAIN), fget of the descriptor (EBADF), the IOCB_FLAG_RESFD eventfd
+/// (EBADF, EINVAL), then the key is stored, then everything else is checked. The context checks
+/// in the same order, so the iocb's own fields tell which side of the store a refusal was on.
+fn reaches_key_store(iocb: &Iocb, e: Errno) -> bool {
+    if iocb.aio_reserved2 != 0 || (iocb.aio_nbytes as i64) < 0 || e.0 == libc::EAGAIN {
+        return false;
+    }
+    // The context's own test: a namespace of nvaio's, or any descriptor open in this process
+    // (then the kernel's AIO takes the request).
+    let fd = iocb.aio_fildes as i32;
+    if !crate::file::is_nvaio_fd(fd) && !crate::kernel::is_open_fd(fd) {
+        return false;
+    }
+    iocb.aio_flags & crate::abi::IOCB_FLAG_RESFD == 0
+        || crate::kernel::check_eventfd(iocb.aio_resfd as i32).is_ok()
+}
+
+/// How `io_getevents` waits between passes. In polled mode, passes with requests in flight spin
+/// at first (an NVMe completion is microseconds away), then yield, then sleep briefly, so that a
+/// long wait costs little CPU; with nothing in flight only another thread's submission can
+/// produce an event, so it sleeps from the start, longer the longer the wait. In interrupt and
+/// hybrid modes it sleeps on the context's notification descriptor instead, which an interrupt
+/// (or a submission that completed at once) makes readable; hybrid mode spins first, as polled
+/// mode does. Each pass resets the notifiers before it looks, so a completion after the look
+/// leaves the descriptor readable and the sleep returns at once: no wake-up is lost. Sleeps on it
+/// are bounded by [`Backoff::IDLE_MAX`] all the same, so that request deadlines keep being
+/// checked.
+///
+/// # Signals
+/// The kernel's io_getevents sleeps interruptibly: a signal whose handler runs ends the wait, and
+/// the call returns the events it has, or -EINTR if none, whatever SA_RESTART says. nvaio does
+/// the same in user space. Past the first spin, the wait holds back the thread's signals (all
+/// but those a fault raises synchronously: SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS) and
+/// does all its sleeping and yielding in `ppoll` with the thread's own mask: a pending signal's
+/// handler runs there and `ppoll` fails with EINTR. A signal that arrives while the wait is not
+/// in `ppoll` stays pending until the next one, so none goes unnoticed, not even in a wait with
+/// no end. The thread's mask is restored before the call returns (which delivers anything still
+/// pending). The exception is the first spin, at most [`Backoff::SPIN`] with requests in flight:
+/// signals are not held back then, so one arriving in that window runs its handler without
+/// ending the wait, which then ends with the requests (each has a deadline).
 struct Backoff {
     start: Option<Instant>,
     idle_sleep: Duration,
+    /// The thread's signal mask from before the wait held signals back.
+    saved_mask: Option<libc::sigset_t>,
 }
+
+/// A signal handler ran while [`Backoff`] waited.
+struct Interrupted;
+
+/// Signals raised by a fault in the thread itself: never held back, they must reach their
+/// handler at once (the kernel kills a thread that faults with them blocked).
+const SYNCHRONOUS_SIGNALS: [c_int; 6] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS];
 
 impl Backoff {
     /// Spin this long after the first empty pass.
@@ -298,46 +434,185 @@ impl Backoff {
     const IDLE_MAX: Duration = Duration::from_millis(10);
 
     fn new() -> Backoff {
-        Backoff { start: None, idle_sleep: Self::IDLE_MIN }
+        Backoff { start: None, idle_sleep: Self::IDLE_MIN, saved_mask: None }
     }
 
-    /// Waits a little; never past `deadline`.
-    fn wait(&mut self, in_flight: bool, now: Instant, deadline: Option<Instant>) {
-        let start = *self.start.get_or_insert(now);
-        let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
-        if !in_flight {
-            std::thread::sleep(self.idle_sleep.min(left));
-            self.idle_sleep = (self.idle_sleep * 2).min(Self::IDLE_MAX);
-            return;
-        }
+    /// After progress: spin and sleep briefly again. Signals stay held back.
+    fn restart(&mut self) {
+        self.start = None;
         self.idle_sleep = Self::IDLE_MIN;
+    }
+
+    /// Waits a little; never past `deadline`. `notify` is the context's notification descriptor
+    /// and whether to spin before sleeping on it (hybrid mode). Err if a signal handler ran
+    /// meanwhile.
+    fn wait(
+        &mut self,
+        in_flight: bool,
+        notify: Option<(RawFd, bool)>,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(), Interrupted> {
+        let start = *self.start.get_or_insert(now);
         let waited = now - start;
-        if waited < Self::SPIN {
+        let spin = notify.is_none_or(|(_, hybrid)| hybrid);
+        if in_flight && spin && waited < Self::SPIN {
             std::hint::spin_loop();
-        } else if waited < Self::YIELD {
-            std::thread::yield_now();
+            return Ok(());
+        }
+        let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+        if let Some((fd, _)) = notify {
+            return self.sleep_on(Some(fd), Self::IDLE_MAX.min(left));
+        }
+        let nap = if !in_flight {
+            let nap = self.idle_sleep;
+            self.idle_sleep = (nap * 2).min(Self::IDLE_MAX);
+            nap
         } else {
-            std::thread::sleep(Self::BUSY_SLEEP.min(left));
+            self.idle_sleep = Self::IDLE_MIN;
+            if waited < Self::YIELD {
+                std::thread::yield_now();
+                Duration::ZERO
+            } else {
+                Self::BUSY_SLEEP
+            }
+        };
+        self.sleep_on(None, nap.min(left))
+    }
+
+    /// Lets in the signals held back so far, without sleeping. Err if a handler ran.
+    fn let_signals_in(&mut self) -> Result<(), Interrupted> {
+        if self.saved_mask.is_none() {
+            return Ok(());
+        }
+        self.sleep_on(None, Duration::ZERO)
+    }
+
+    /// Sleeps for `d` (zero: not at all), or until `fd` is readable, with the thread's own
+    /// signal mask, holding signals back from now on outside such sleeps. Err if a signal
+    /// handler ran.
+    fn sleep_on(&mut self, fd: Option<RawFd>, d: Duration) -> Result<(), Interrupted> {
+        let mask = self.hold_signals();
+        let ts = libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
+        let mut pfd = libc::pollfd { fd: fd.unwrap_or(-1), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd (or none), the timeout and the mask are locals. A descriptor closed
+        // meanwhile by another thread's io_destroy only makes ppoll return early; the next pass
+        // then finds the context gone.
+        let r = unsafe { libc::ppoll(&mut pfd, libc::nfds_t::from(fd.is_some()), &ts, &mask) };
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            return Err(Interrupted);
+        }
+        Ok(())
+    }
+
+    /// Blocks the thread's signals but the synchronous ones, once; returns the mask from before.
+    fn hold_signals(&mut self) -> libc::sigset_t {
+        if let Some(mask) = self.saved_mask {
+            return mask;
+        }
+        // SAFETY: sigset_t is plain data, initialised by sigfillset and pthread_sigmask; the
+        // calls take pointers to locals.
+        let old = unsafe {
+            let mut held: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut held);
+            for sig in SYNCHRONOUS_SIGNALS {
+                libc::sigdelset(&mut held, sig);
+            }
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            // Cannot fail with these arguments; should it, `old` is the mask as it was, read
+            // back, and ppoll keeps to it.
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &held, &mut old) != 0 {
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
+            }
+            old
+        };
+        self.saved_mask = Some(old);
+        old
+    }
+}
+
+impl Drop for Backoff {
+    fn drop(&mut self) {
+        if let Some(mask) = self.saved_mask.take() {
+            // SAFETY: restores the thread's mask from a local copy.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut()) };
         }
     }
 }
 
-/// `io_getevents`: waits until at least `min_nr` events are available or `timeout` has passed,
-/// and moves up to `nr` of them into `events`. `timeout` is relative; NULL waits without limit,
-/// a zero timeout does not wait. With `nr` 0 the call only advances the context: nvaio polls
-/// its queues and posts finished requests to the ring, which is how a program that reaps the
-/// ring in user space gets it filled (with the kernel, interrupts fill it and the call does
-/// nothing).
+/// How long `io_getevents` may wait, from its timeout as fs/aio.c reads it: without any check.
+/// ktime_set() makes `tv_sec * 1e9 + tv_nsec` nanoseconds of it (a `tv_sec` from KTIME_SEC_MAX
+/// on is KTIME_MAX, no limit); 0 is one look without waiting; a negative relative time, added to
+/// the clock by hrtimer's ktime_add_safe(), saturates to the end of time, as does a sum that
+/// overflows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    NoWait,
+    Until(Instant),
+    Forever,
+}
+
+fn limit_of(timeout: Option<libc::timespec>, now: Instant) -> Limit {
+    const NSEC_PER_SEC: i64 = 1_000_000_000;
+    const KTIME_SEC_MAX: i64 = i64::MAX / NSEC_PER_SEC;
+    let Some(ts) = timeout else { return Limit::Forever };
+    let ns = if ts.tv_sec >= KTIME_SEC_MAX {
+        i64::MAX
+    } else {
+        // The kernel's arithmetic, overflow included.
+        ts.tv_sec.wrapping_mul(NSEC_PER_SEC).wrapping_add(ts.tv_nsec)
+    };
+    match ns {
+        0 => Limit::NoWait,
+        ns if ns < 0 || ns == i64::MAX => Limit::Forever,
+        ns => now.checked_add(Duration::from_nanos(ns as u64)).map_or(Limit::Forever, Limit::Until),
+    }
+}
+
+/// Whether the event ring at `id` holds events. The caller holds the context's mutex, so the
+/// ring is mapped.
+fn ring_holds_events(id: u64, nr: u32) -> bool {
+    let header = id as *const AioRingHeader;
+    // SAFETY: a live context's ring header, aligned (page-aligned ring); head and tail are read
+    // volatile because the application may write head at any time.
+    let (head, tail) = unsafe {
+        (
+            std::ptr::addr_of!((*header).head).read_volatile(),
+            std::ptr::addr_of!((*header).tail).read_volatile(),
+        )
+    };
+    nr != 0 && head % nr != tail % nr
+}
+
+/// `io_getevents`: waits until at least `min_nr` events are available or the timeout has passed,
+/// and moves up to `nr` of them into `events`. With `nr` 0 the call only advances the context:
+/// nvaio polls its queues and posts finished requests to the ring, which is how a program that
+/// reaps the ring in user space gets it filled (with the kernel, interrupts fill it and the call
+/// does nothing).
 ///
-/// Returns the number of events stored (fewer than `min_nr` if the timeout passed), or:
-/// -EINVAL if `ctx` is not a live context, `min_nr` or `nr` is negative, `min_nr` > `nr`, or
-/// the timeout has a negative `tv_sec` or a `tv_nsec` outside 0..1e9; -EFAULT if `events` is
-/// NULL with `nr` > 0; -EIO after a panic inside nvaio. If the context is destroyed by another
-/// thread during the wait, the events already stored are returned, or -EINVAL if none.
+/// `timeout` is relative and, as with the kernel, not validated (see [`Limit`]): it is taken as
+/// `tv_sec * 1e9 + tv_nsec` nanoseconds. NULL waits without limit; a total of 0 does not wait
+/// ({0, 0}, and {1, -1000000000} too); a negative total waits without limit ({0, -1} and
+/// {-1, 0}: until a signal); {0, 1000000000} waits one second and {1, -999000000} one
+/// millisecond. `min_nr` 0 returns after one pass whatever the timeout.
+///
+/// A signal whose handler runs during the wait ends it, as with the kernel: the call returns the
+/// events already stored, or -EINTR if none, whatever SA_RESTART says (see [`Backoff`] for how,
+/// and for its one window of 200 µs).
+///
+/// Returns the number of events stored (fewer than `min_nr` if the timeout passed or a signal
+/// came), or: -EINVAL if `ctx` is not a live context, `min_nr` or `nr` is negative, or
+/// `min_nr` > `nr`; -EINTR; -EFAULT if `events` is NULL with `nr` > 0, once there is an event
+/// to store (it stays in the ring; until then the call waits, or returns 0, as usual), as the
+/// kernel's copy to NULL fails; -EIO after a panic inside nvaio. If the context is destroyed by
+/// another thread during the wait, the events already stored are returned, or -EINVAL if none.
 ///
 /// # Safety
-/// `events` points to `nr` writable `struct io_event`s; `timeout` is NULL or points to a
-/// `struct timespec`.
+/// `events` is NULL or points to `nr` writable `struct io_event`s (alignment is not required);
+/// `timeout` is NULL or points to a `struct timespec`.
 #[no_mangle]
 pub unsafe extern "C" fn io_getevents(
     ctx: IoContextT,
@@ -351,26 +626,20 @@ pub unsafe extern "C" fn io_getevents(
         if min_nr < 0 || nr < 0 || min_nr > nr {
             return -libc::EINVAL;
         }
-        let timeout = if timeout.is_null() {
-            None
-        } else {
-            // SAFETY: non-null; the caller promises a struct timespec.
-            let ts = unsafe { timeout.read() };
-            if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
-                return -libc::EINVAL;
-            }
-            Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+        // SAFETY: non-null; the caller promises a struct timespec.
+        let ts = (!timeout.is_null()).then(|| unsafe { timeout.read_unaligned() });
+        let limit = limit_of(ts, Instant::now());
+        let deadline = match limit {
+            Limit::Until(d) => Some(d),
+            Limit::NoWait | Limit::Forever => None,
         };
-        if events.is_null() && nr > 0 {
-            return -libc::EFAULT;
-        }
+        // Nowhere to store events: take none, and fail once one is there (fs/aio.c's
+        // copy_to_user fails, leaving it in the ring).
+        let no_room = events.is_null() && nr > 0;
         // Events accumulate over passes, as in the kernel, so nr may exceed the ring's size; the
         // bound only keeps the count representable in the int returned.
         let nr = nr.min(c_int::MAX as c_long) as usize;
         let min_nr = (min_nr as usize).min(nr);
-        // A deadline too far away to represent is no deadline.
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let zero_timeout = timeout == Some(Duration::ZERO);
 
         // Events pass through this buffer, then are copied bytewise into the caller's array:
         // no reference to the caller's memory is formed, and it need not be aligned.
@@ -378,7 +647,7 @@ pub unsafe extern "C" fn io_getevents(
         let mut got = 0;
         let mut backoff = Backoff::new();
         loop {
-            let want = (nr - got).min(batch.len());
+            let want = if no_room { 0 } else { (nr - got).min(batch.len()) };
             let pass = {
                 let mut guard = match lock(&slot) {
                     Ok(g) => g,
@@ -389,14 +658,21 @@ pub unsafe extern "C" fn io_getevents(
                 // its periodic deadline and health checks on an empty pass; Some(ZERO) keeps
                 // the pass from waiting, so the mutex is never held across a wait.
                 let need = usize::from(got < min_nr).min(want);
-                context
-                    .get_events(need, &mut batch[..want], Some(Duration::ZERO))
-                    .map(|n| (n, context.in_flight() > 0))
+                context.get_events(need, &mut batch[..want], Some(Duration::ZERO)).map(|n| {
+                    let fault = no_room && ring_holds_events(ctx as u64, slot.ring_nr);
+                    let notify = context
+                        .notification_fd()
+                        .map(|fd| (fd, context.mode() == CompletionMode::Hybrid));
+                    (n, context.in_flight() > 0, notify, fault)
+                })
             };
-            let (n, in_flight) = match pass {
+            let (n, in_flight, notify, fault) = match pass {
                 Ok(p) => p,
                 Err(e) => return if got > 0 { got as c_int } else { neg(e) },
             };
+            if fault {
+                return -libc::EFAULT;
+            }
             if n > 0 {
                 // SAFETY: got + n <= nr, and the caller promises nr writable io_events at
                 // `events`; the source is our own buffer, so they do not overlap.
@@ -413,18 +689,24 @@ pub unsafe extern "C" fn io_getevents(
                     continue;
                 }
             }
-            if got >= min_nr || zero_timeout {
+            if got >= min_nr || limit == Limit::NoWait {
                 return got as c_int;
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
+                // As the kernel: nothing, and a signal came meanwhile, is -EINTR.
+                if got == 0 && backoff.let_signals_in().is_err() {
+                    return -libc::EINTR;
+                }
                 return got as c_int;
             }
             if n > 0 {
                 // Progress: keep polling eagerly.
-                backoff = Backoff::new();
+                backoff.restart();
             }
-            backoff.wait(in_flight, now, deadline);
+            if backoff.wait(in_flight, notify, now, deadline).is_err() {
+                return if got > 0 { got as c_int } else { -libc::EINTR };
+            }
         }
     })
 }
@@ -432,20 +714,22 @@ pub unsafe extern "C" fn io_getevents(
 /// `io_cancel`: starts cancelling the request submitted with `iocb`. As with Linux since 4.19,
 /// `evt` is not written: the outcome always arrives as an event through the ring.
 ///
+/// The checks come in fs/aio.c's order: the iocb's key is read first (-EFAULT for NULL) and must
+/// be 0, the KIOCB_KEY io_submit stores (-EINVAL otherwise), and only then is the context looked
+/// up, so a NULL `iocb` is -EFAULT even on a context that does not exist.
+///
 /// Returns -EINPROGRESS when cancellation has started (the usual outcome, not a failure), or:
-/// -EINVAL if `ctx` is not a live context, `iocb->key` is not 0 (the iocb was never submitted),
-/// no request of this context was submitted with `iocb` or it has already completed, or it went
-/// to the kernel's AIO, which cannot cancel file or block I/O; -EFAULT if `iocb` is NULL; -EIO
-/// after a panic inside nvaio. For a request on a kernel descriptor the kernel's answer is
-/// returned as is.
+/// -EFAULT if `iocb` is NULL; -EINVAL if `iocb->key` is not 0, `ctx` is not a live context, no
+/// request of this context was submitted with `iocb` or it has already completed, or it went to
+/// the kernel's AIO, which cannot cancel file or block I/O; -EIO after a panic inside nvaio. For
+/// a request on a kernel descriptor the kernel's answer is returned as is.
 ///
 /// # Safety
-/// `iocb` is NULL or points to a readable `struct iocb`.
+/// `iocb` is NULL or points to a readable `struct iocb` (alignment is not required).
 #[no_mangle]
 pub unsafe extern "C" fn io_cancel(ctx: IoContextT, iocb: *mut Iocb, evt: *mut IoEvent) -> c_int {
     let _ = evt;
     guarded(|| {
-        let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
         if iocb.is_null() {
             return -libc::EFAULT;
         }
@@ -455,6 +739,7 @@ pub unsafe extern "C" fn io_cancel(ctx: IoContextT, iocb: *mut Iocb, evt: *mut I
         if key != 0 {
             return -libc::EINVAL;
         }
+        let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
         let mut guard = match lock(&slot) {
             Ok(g) => g,
             Err(e) => return neg(e),
@@ -602,10 +887,24 @@ mod tests {
             assert_eq!(io_setup(0, &mut ctx), -libc::EINVAL);
             assert_eq!(io_setup(-5, &mut ctx), -libc::EINVAL);
             assert_eq!(io_setup(8, std::ptr::null_mut()), -libc::EFAULT);
+            assert_eq!(io_setup(0, std::ptr::null_mut()), -libc::EFAULT, "ctxp is read first");
             let mut used = NonNull::<IoContext>::dangling().as_ptr();
             assert_eq!(io_setup(8, &mut used), -libc::EINVAL, "*ctxp must be 0");
+            // maxevents is the kernel's unsigned nr_events: 2^31 doubles to 0 (EAGAIN), -1 is
+            // far too large a ring (EINVAL).
+            assert_eq!(io_setup(c_int::MIN, &mut ctx), -libc::EAGAIN);
+            assert_eq!(io_setup(-1, &mut ctx), -libc::EINVAL);
         }
         assert!(ctx.is_null(), "a failed io_setup leaves *ctxp alone");
+        // *ctxp need not be aligned.
+        let mut bytes = [0u8; 16];
+        let ctxp = bytes[1..].as_mut_ptr().cast::<IoContextT>();
+        // SAFETY: 8 writable bytes at ctxp, zero.
+        let ctx = unsafe {
+            assert_eq!(io_setup(4, ctxp), 0);
+            ctxp.read_unaligned()
+        };
+        assert_eq!(io_destroy(ctx), 0);
     }
 
     #[test]
@@ -642,9 +941,15 @@ mod tests {
         // SAFETY: valid pointers to locals; the context is unknown, which every call checks.
         unsafe {
             assert_eq!(io_submit(bogus, 1, list.as_mut_ptr()), -libc::EINVAL);
+            assert_eq!(io_submit(bogus, 0, null_mut()), -libc::EINVAL);
+            assert_eq!(io_submit(bogus, -1, null_mut()), -libc::EINVAL);
             assert_eq!(io_getevents(bogus, 0, 1, ev.as_mut_ptr(), null_mut()), -libc::EINVAL);
+            assert_eq!(io_getevents(bogus, -1, 1, ev.as_mut_ptr(), null_mut()), -libc::EINVAL);
             assert_eq!(io_cancel(bogus, &mut iocb, ev.as_mut_ptr()), -libc::EINVAL);
+            // io_cancel reads the key before it looks for the context.
+            assert_eq!(io_cancel(bogus, null_mut(), ev.as_mut_ptr()), -libc::EFAULT);
         }
+        assert_eq!(iocb.aio_key, 0, "nothing was submitted");
         assert_eq!(io_destroy(bogus), -libc::EINVAL);
         assert_eq!(io_destroy(null_mut()), -libc::EINVAL);
     }
@@ -662,11 +967,121 @@ mod tests {
             assert_eq!(io_submit(ctx, 1, null_mut()), -libc::EFAULT);
             let mut nulls = [null_mut::<Iocb>(); 2];
             assert_eq!(io_submit(ctx, 2, nulls.as_mut_ptr()), -libc::EFAULT);
-            // Descriptor -1 is nobody's: refused, after the key was cleared as the kernel does.
+            // Descriptor -1 is nobody's: refused by fget, before the kernel stores the key.
             assert_eq!(io_submit(ctx, 1, list.as_mut_ptr()), -libc::EBADF);
         }
-        assert_eq!(iocb.aio_key, 0);
+        assert_eq!(iocb.aio_key, 77);
         assert_eq!(io_destroy(ctx), 0);
+    }
+
+    /// Submits `iocbs` (by index into `all`, NULL for None) and returns the result and every
+    /// iocb's key afterwards.
+    fn submit_keys(ctx: IoContextT, all: &mut [Iocb], list: &[Option<usize>]) -> (c_int, Vec<u32>) {
+        let base = all.as_mut_ptr();
+        // SAFETY: indexes into `all`.
+        let mut ptrs: Vec<*mut Iocb> =
+            list.iter().map(|i| i.map_or(null_mut(), |i| unsafe { base.add(i) })).collect();
+        // SAFETY: valid iocbs (or NULL) whose buffers outlive the requests (the caller reaps).
+        let r = unsafe { io_submit(ctx, ptrs.len() as c_long, ptrs.as_mut_ptr()) };
+        (r, all.iter().map(|i| i.aio_key).collect())
+    }
+
+    /// Reaps `n` events.
+    fn reap(ctx: IoContextT, n: usize) -> Vec<IoEvent> {
+        let mut ev = vec![IoEvent::default(); n.max(1)];
+        // SAFETY: room for n events.
+        let got =
+            unsafe { io_getevents(ctx, n as c_long, n as c_long, ev.as_mut_ptr(), &mut ts(5, 0)) };
+        assert_eq!(got, n as c_int);
+        ev.truncate(n);
+        ev
+    }
+
+    #[test]
+    fn submit_stores_the_key_where_the_kernel_does() {
+        let (_emu, fd) = emulated();
+        let ctx = setup(1);
+        let mut buf = vec![0u8; 4096];
+        let b = buf.as_mut_ptr();
+        let efd = {
+            // SAFETY: plain eventfd creation.
+            unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) }
+        };
+        let keyed = |iocb: Iocb, key: u32| Iocb { aio_key: key, ..iocb };
+        let rd = |key| keyed(Iocb::pread(fd, b, 512, 0), key);
+        let mut all = vec![
+            rd(0x10),
+            rd(0x11),
+            Iocb { aio_reserved2: 1, ..rd(0x12) },
+            Iocb { aio_lio_opcode: 42, ..rd(0x13) },
+            Iocb { aio_flags: crate::abi::IOCB_FLAG_RESFD, aio_resfd: fd as u32, ..rd(0x14) },
+            Iocb { aio_flags: crate::abi::IOCB_FLAG_RESFD, aio_resfd: efd as u32, ..rd(0x15) },
+            keyed(Iocb::pread(-1, b, 512, 0), 0x16),
+            Iocb { aio_nbytes: 1 << 63, ..rd(0x17) },
+            Iocb { aio_rw_flags: 0x100, ..rd(0x18) },
+        ];
+        // A queued iocb gets key 0; the rest of a batch after a refusal is not touched; an iocb
+        // refused before fget (reserved field) keeps its key.
+        let (r, keys) = submit_keys(ctx, &mut all, &[Some(0), Some(2), Some(1)]);
+        assert_eq!(r, 1);
+        assert_eq!(keys[..3], [0, 0x11, 0x12]);
+        reap(ctx, 1);
+        // Refusals after fget and the eventfd check store the key; those before do not.
+        let cases = [
+            (3, -libc::EINVAL, 0),
+            (4, -libc::EINVAL, 0x14),
+            (6, -libc::EBADF, 0x16),
+            (7, -libc::EINVAL, 0x17),
+            (8, -libc::EOPNOTSUPP, 0),
+        ];
+        for (i, err, key) in cases {
+            let (r, keys) = submit_keys(ctx, &mut all, &[Some(i)]);
+            assert_eq!((r, keys[i]), (err, key), "iocb {i}");
+        }
+        // A full context is refused before fget: -EAGAIN keeps the key. Context of 1 request:
+        // fill it (a valid eventfd is fine too), then one more.
+        let mut queued = 0;
+        loop {
+            all[5].aio_key = 0x15;
+            let (r, keys) = submit_keys(ctx, &mut all, &[Some(5)]);
+            if r == 1 {
+                assert_eq!(keys[5], 0);
+                queued += 1;
+                assert!(queued < 1000, "the context never filled");
+                continue;
+            }
+            assert_eq!((r, keys[5]), (-libc::EAGAIN, 0x15));
+            break;
+        }
+        reap(ctx, queued);
+        // A NULL entry ends the batch: the count so far, later entries untouched.
+        all[0].aio_key = 0x20;
+        all[1].aio_key = 0x21;
+        let (r, keys) = submit_keys(ctx, &mut all, &[Some(0), None, Some(1)]);
+        assert_eq!((r, keys[0], keys[1]), (1, 0, 0x21));
+        reap(ctx, 1);
+        // The same iocb twice, then a refusal: it ends with key 0 (it was queued).
+        all[0].aio_key = 0x30;
+        let (r, keys) = submit_keys(ctx, &mut all, &[Some(0), Some(2), Some(0)]);
+        assert_eq!((r, keys[0]), (1, 0));
+        reap(ctx, 1);
+        // A misaligned array of pointers is read as the kernel reads it.
+        let mut raw = [0u8; 8 * 2 + 1];
+        let ptrs = raw[1..].as_mut_ptr().cast::<*mut Iocb>();
+        // SAFETY: room for two unaligned pointers; the iocbs are valid and outlive the requests.
+        unsafe {
+            ptrs.write_unaligned(&mut all[0]);
+            ptrs.add(1).write_unaligned(&mut all[1]);
+            assert_eq!(io_submit(ctx, 2, ptrs), 2);
+        }
+        let mut objs: Vec<u64> = reap(ctx, 2).iter().map(|e| e.obj).collect();
+        objs.sort();
+        assert_eq!(objs, [&all[0] as *const Iocb as u64, &all[1] as *const Iocb as u64]);
+        assert_eq!(io_destroy(ctx), 0);
+        // SAFETY: our own eventfd.
+        unsafe { libc::close(efd) };
+        drop(buf);
+        assert_eq!(nvaio_close(fd), 0);
     }
 
     #[test]
@@ -679,14 +1094,14 @@ mod tests {
             assert_eq!(io_getevents(ctx, 2, 1, e, &mut ts(0, 0)), -libc::EINVAL);
             assert_eq!(io_getevents(ctx, -1, 1, e, &mut ts(0, 0)), -libc::EINVAL);
             assert_eq!(io_getevents(ctx, 0, -1, e, &mut ts(0, 0)), -libc::EINVAL);
-            assert_eq!(io_getevents(ctx, 0, 1, e, &mut ts(0, 1_000_000_000)), -libc::EINVAL);
-            assert_eq!(io_getevents(ctx, 0, 1, e, &mut ts(0, -1)), -libc::EINVAL);
-            assert_eq!(io_getevents(ctx, 0, 1, e, &mut ts(-1, 0)), -libc::EINVAL);
-            assert_eq!(io_getevents(ctx, 0, 1, null_mut(), &mut ts(0, 0)), -libc::EFAULT);
+            assert_eq!(io_getevents(ctx, -2, -1, e, &mut ts(0, 0)), -libc::EINVAL);
             // Nothing in flight: a zero timeout returns at once, min_nr 0 too, nr 0 as well.
             assert_eq!(io_getevents(ctx, 1, 4, e, &mut ts(0, 0)), 0);
             assert_eq!(io_getevents(ctx, 0, 4, e, null_mut()), 0);
             assert_eq!(io_getevents(ctx, 0, 0, null_mut(), &mut ts(0, 0)), 0);
+            // NULL events with an empty ring: nothing to copy, so no fault (as the kernel).
+            assert_eq!(io_getevents(ctx, 0, 1, null_mut(), &mut ts(0, 0)), 0);
+            assert_eq!(io_getevents(ctx, 1, 1, null_mut(), &mut ts(0, 1_000_000)), 0);
             // A short timeout is honoured, and waiting with nothing in flight sleeps.
             let start = Instant::now();
             let cpu0 = cpu_time();
@@ -698,6 +1113,194 @@ mod tests {
             assert_eq!(io_getevents(ctx, 0, 4, e, &mut ts(i64::MAX, 0)), 0);
         }
         assert_eq!(io_destroy(ctx), 0);
+    }
+
+    #[test]
+    fn timeouts_are_read_as_the_kernel_reads_them() {
+        let now = Instant::now();
+        let limit = |s, ns| limit_of(Some(ts(s, ns)), now);
+        let after = |ns| Limit::Until(now + Duration::from_nanos(ns));
+        assert_eq!(limit_of(None, now), Limit::Forever);
+        assert_eq!(limit(0, 0), Limit::NoWait);
+        assert_eq!(limit(1, -1_000_000_000), Limit::NoWait);
+        assert_eq!(limit(0, 1_000_000_000), after(1_000_000_000));
+        assert_eq!(limit(1, -999_000_000), after(1_000_000));
+        assert_eq!(limit(2, 5), after(2_000_000_005));
+        assert_eq!(limit(0, -1), Limit::Forever);
+        assert_eq!(limit(-1, 0), Limit::Forever);
+        assert_eq!(limit(i64::MAX, 0), Limit::Forever);
+        assert_eq!(limit(i64::MAX / 1_000_000_000, 0), Limit::Forever, "KTIME_SEC_MAX");
+        // i64::MIN * 1e9 wraps to 0 in the kernel's arithmetic: no wait.
+        assert_eq!(limit(i64::MIN, 0), Limit::NoWait);
+        assert_eq!(limit(-1_000_000, 0), Limit::Forever);
+
+        let ctx = setup(4);
+        let mut ev = [IoEvent::default(); 4];
+        let e = ev.as_mut_ptr();
+        // SAFETY: valid pointers to locals.
+        unsafe {
+            // Malformed but not waited for: min_nr 0, or a total of 0.
+            let start = Instant::now();
+            assert_eq!(io_getevents(ctx, 0, 1, e, &mut ts(0, -1)), 0);
+            assert_eq!(io_getevents(ctx, 1, 1, e, &mut ts(1, -1_000_000_000)), 0);
+            // One millisecond.
+            assert_eq!(io_getevents(ctx, 1, 1, e, &mut ts(1, -999_000_000)), 0);
+            assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+        }
+        assert_eq!(io_destroy(ctx), 0);
+    }
+
+    extern "C" fn ignore_signal(_: c_int) {}
+
+    /// This thread's signal mask.
+    fn signal_mask() -> Vec<c_int> {
+        // SAFETY: reads the mask into a local.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+            (1..65).filter(|&s| libc::sigismember(&set, s) == 1).collect()
+        }
+    }
+
+    #[test]
+    fn a_signal_ends_a_wait_without_end() {
+        // SIGUSR2 with a handler that does nothing, sent to this thread only, with SA_RESTART
+        // (which io_getevents ignores, as the kernel does).
+        // SAFETY: installs a handler that does nothing.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore_signal as extern "C" fn(c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
+        }
+        let (emu, fd) = emulated();
+        let ctx = setup(4);
+        let mut ev = [IoEvent::default(); 4];
+        let e = ev.as_mut_ptr();
+        let mask = signal_mask();
+        // SAFETY: pthread_self of this thread, signalled while it lives (it joins below).
+        let me = unsafe { libc::pthread_self() };
+        let kick = |after: Duration| {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                // SAFETY: the test thread is alive: it joins this thread before leaving.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR2) };
+            })
+        };
+        for (sec, nsec) in [(0, -1), (-1, 0)] {
+            let k = kick(Duration::from_millis(100));
+            let start = Instant::now();
+            // SAFETY: valid pointers to locals.
+            let r = unsafe { io_getevents(ctx, 1, 4, e, &mut ts(sec, nsec)) };
+            k.join().unwrap();
+            assert_eq!(r, -libc::EINTR, "{{{sec}, {nsec}}}");
+            assert!(start.elapsed() >= Duration::from_millis(100));
+            assert_eq!(signal_mask(), mask, "the thread's signal mask is restored");
+        }
+        // NULL waits without limit too.
+        let k = kick(Duration::from_millis(50));
+        // SAFETY: valid pointers to locals.
+        assert_eq!(unsafe { io_getevents(ctx, 1, 4, e, null_mut()) }, -libc::EINTR);
+        k.join().unwrap();
+        // With a request in flight the device holds: the signal ends the wait all the same,
+        // however long the spin before it, and a signal with events already in hand returns them.
+        use nvaio_nvme::emu::{FaultAction, FaultRule};
+        let read = nvaio_nvme::spec::cmd::nvm::READ;
+        emu.inject(FaultRule::new(FaultAction::Hold).opcode(read).nsid(1).times(1));
+        let mut buf = vec![0u8; 1024];
+        let mut held = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
+        let mut quick = Iocb::pread(fd, buf[512..].as_mut_ptr(), 512, 512);
+        let mut list = [&mut held as *mut Iocb, &mut quick as *mut Iocb];
+        // SAFETY: valid iocbs whose buffer outlives the requests (reaped below).
+        assert_eq!(unsafe { io_submit(ctx, 2, list.as_mut_ptr()) }, 2);
+        let k = kick(Duration::from_millis(100));
+        // SAFETY: valid pointers to locals.
+        let r = unsafe { io_getevents(ctx, 2, 4, e, null_mut()) };
+        k.join().unwrap();
+        assert_eq!(r, 1, "the quick read's event, then the signal");
+        assert_eq!(ev[0].obj, &quick as *const Iocb as u64);
+        assert_eq!(signal_mask(), mask);
+        // SAFETY: a valid iocb.
+        assert_eq!(unsafe { io_cancel(ctx, &mut held, null_mut()) }, -libc::EINPROGRESS);
+        reap(ctx, 1);
+        assert_eq!(io_destroy(ctx), 0);
+        drop(buf);
+        assert_eq!(nvaio_close(fd), 0);
+    }
+
+    #[test]
+    fn null_events_fault_once_there_is_an_event() {
+        let (_emu, fd) = emulated();
+        let ctx = setup(4);
+        let mut buf = vec![0u8; 512];
+        let mut iocb = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0).with_data(5);
+        let mut list = [&mut iocb as *mut Iocb];
+        // SAFETY: a valid iocb whose buffer outlives the request; NULL events, which
+        // io_getevents must not write.
+        unsafe {
+            assert_eq!(io_submit(ctx, 1, list.as_mut_ptr()), 1);
+            assert_eq!(io_getevents(ctx, 1, 1, null_mut(), &mut ts(5, 0)), -libc::EFAULT);
+            assert_eq!(io_getevents(ctx, 0, 1, null_mut(), &mut ts(0, 0)), -libc::EFAULT);
+        }
+        // The event stayed in the ring.
+        let evs = reap(ctx, 1);
+        assert_eq!((evs[0].data, evs[0].res), (5, 512));
+        assert_eq!(io_destroy(ctx), 0);
+        drop(buf);
+        assert_eq!(nvaio_close(fd), 0);
+    }
+
+    #[test]
+    fn interrupt_mode_sleeps_on_the_notification_descriptor() {
+        use crate::context::ContextOptions;
+        use nvaio_nvme::emu::{EmuConfig, EmulatedController, FaultAction, FaultRule};
+        let emu = EmulatedController::new(EmuConfig { msix_vectors: 2, ..Default::default() });
+        let dev: Arc<dyn nvaio_nvme::Device> = emu.clone();
+        let ctrl = nvaio_nvme::Controller::new(dev).expect("the emulated controller comes up");
+        let fd = crate::file::open_on(ctrl, 1, crate::file::Access::ReadWrite).unwrap();
+        for mode in [CompletionMode::Interrupt, CompletionMode::Hybrid] {
+            let opts = ContextOptions { mode, ..Default::default() };
+            let ctx = register(Context::with_options(4, opts).unwrap());
+            {
+                let slot = lookup(ctx as u64).unwrap();
+                let guard = lock(&slot).unwrap();
+                assert!(guard.as_ref().unwrap().notification_fd().is_some(), "{mode}");
+            }
+            let mut buf = vec![0u8; 512];
+            let mut iocb = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0).with_data(3);
+            let mut list = [&mut iocb as *mut Iocb];
+            let mut ev = [IoEvent::default(); 2];
+            // SAFETY: a valid iocb whose buffer outlives the request, room for 2 events.
+            unsafe {
+                // The interrupt wakes the wait at once (the bounded sleep alone would take up
+                // to 10 ms a round).
+                let start = Instant::now();
+                for _ in 0..20 {
+                    assert_eq!(io_submit(ctx, 1, list.as_mut_ptr()), 1);
+                    assert_eq!(io_getevents(ctx, 1, 2, ev.as_mut_ptr(), &mut ts(5, 0)), 1);
+                    assert_eq!((ev[0].data, ev[0].res), (3, 512), "{mode}");
+                }
+                let took = start.elapsed();
+                assert!(took < Duration::from_millis(100), "{mode}: 20 reads took {took:?}");
+                // A read the device holds: the wait sleeps (little CPU) until the timeout.
+                let read = nvaio_nvme::spec::cmd::nvm::READ;
+                emu.inject(FaultRule::new(FaultAction::Hold).opcode(read).nsid(1).times(1));
+                assert_eq!(io_submit(ctx, 1, list.as_mut_ptr()), 1);
+                let cpu0 = cpu_time();
+                assert_eq!(io_getevents(ctx, 1, 2, ev.as_mut_ptr(), &mut ts(0, 100_000_000)), 0);
+                let cpu = cpu_time() - cpu0;
+                assert!(
+                    cpu < Duration::from_millis(8),
+                    "{mode}: a wait on the descriptor spun ({cpu:?})"
+                );
+                assert_eq!(io_cancel(ctx, &mut iocb, null_mut()), -libc::EINPROGRESS);
+                assert_eq!(io_getevents(ctx, 1, 2, ev.as_mut_ptr(), &mut ts(5, 0)), 1);
+            }
+            assert_eq!(io_destroy(ctx), 0);
+            drop(buf);
+        }
+        assert_eq!(nvaio_close(fd), 0);
     }
 
     /// CPU time of this thread.
@@ -718,6 +1321,10 @@ mod tests {
             assert_eq!(io_cancel(ctx, &mut iocb, null_mut()), -libc::EINVAL, "not submitted");
             iocb.aio_key = 1;
             assert_eq!(io_cancel(ctx, &mut iocb, null_mut()), -libc::EINVAL);
+            // The key is read where it is, aligned or not.
+            let mut raw = [0u8; 65];
+            let odd = raw[1..].as_mut_ptr().cast::<Iocb>();
+            assert_eq!(io_cancel(ctx, odd, null_mut()), -libc::EINVAL);
         }
         assert_eq!(io_destroy(ctx), 0);
     }

@@ -7,12 +7,14 @@
 //! ci/qemu-run --nvme driver=kernel,serial=k0 --nvme driver=vfio,serial=v0 -- nvaio-conformance
 //! ```
 //!
-//! Uses namespace 1 of the first of each (`NVAIO_KDEV0_BLOCK`, `NVAIO_DEVICES`). Arguments:
-//! `-v` prints every step's outcome on both sides; any other argument runs only the cases whose
-//! name contains it. Prints one line per case, then `conformance: ...` and `N passed, N failed`;
-//! exits 1 if any difference is unexplained.
+//! Uses namespace 1 of the first of each (`NVAIO_KDEV0_BLOCK`, `NVAIO_DEVICES`), and runs nvaio
+//! twice on the vfio one: through its C ABI and through its Rust API. Arguments: `-v` prints
+//! every step's outcome on every side; any other argument runs only the cases whose name contains
+//! it. Prints one line per case, then `conformance: ...` (totals, then how much of the table each
+//! nvaio backend could express) and `N passed, N failed`; exits 1 if any difference is
+//! unexplained or any case could not be compared.
 
-use nvaio_tests::conformance::{run_suite, KernelAio, Nvaio};
+use nvaio_tests::conformance::{run_suite, Backend, CAbi, KernelAio, RustApi};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -20,7 +22,7 @@ fn env(name: &str) -> Option<String> {
 
 fn fail(why: String) -> ! {
     println!("FAIL conf/setup: {why}");
-    println!("conformance: 0 cases, 0 differ on purpose, 1 unexplained, 0 need the C ABI");
+    println!("conformance: 0 cases, 0 differ on purpose, 1 unexplained, 0 not compared");
     println!("0 passed, 1 failed");
     std::process::exit(1);
 }
@@ -55,11 +57,12 @@ fn main() {
     }
 
     let mut kernel = KernelAio::open(&block).unwrap_or_else(|e| fail(e));
+    // Both nvaio backends share the controller: nvaio_open finds the one brought up here.
     let ctrl = nvaio::file::controller(&bdf).unwrap_or_else(|e| fail(format!("{bdf}: {e}")));
-    let mut nv = Nvaio::open(ctrl).unwrap_or_else(|e| fail(e));
-    use nvaio_tests::conformance::Backend;
-    let (kg, ng) = (kernel.geometry(), nv.geometry());
-    if kg != ng {
+    let mut c_abi = CAbi::open(&bdf).unwrap_or_else(|e| fail(format!("{bdf}: {e}")));
+    let mut rust_api = RustApi::open(ctrl).unwrap_or_else(|e| fail(e));
+    let (kg, ng) = (kernel.geometry(), c_abi.geometry());
+    if kg != ng || rust_api.geometry() != ng {
         fail(format!(
             "the two namespaces differ: {} has {} B blocks and {} B, {bdf} nsid 1 has {} B blocks and {} B",
             kernel.path(),
@@ -77,8 +80,9 @@ fn main() {
         kg.1,
         cpus.trim()
     );
-    let sum = run_suite(&mut kernel, &mut nv, filter.as_deref(), verbose);
-    drop(nv);
+    let sum = run_suite(&mut kernel, &mut [&mut c_abi, &mut rust_api], filter.as_deref(), verbose);
+    drop(rust_api);
+    drop(c_abi);
     drop(kernel);
-    std::process::exit(if sum.unexplained == 0 { 0 } else { 1 });
+    std::process::exit(if sum.unexplained == 0 && sum.not_compared == 0 { 0 } else { 1 });
 }
