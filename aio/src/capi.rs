@@ -345,25 +345,8 @@ pub unsafe extern "C" fn io_submit(ctx: IoContextT, nr: c_long, ios: *mut *mut I
 const SUBMIT_CHUNK: usize = 64;
 
 /// Submits `iocbs` and returns how many were queued and, if one was refused, why.
-/// `Context::submit` reports a refusal only when it is the first iocb's; for a later one it
-/// returns the count, and that iocb is then submitted alone to learn the errno. A refusal for
-/// the iocb's contents repeats; one for a full context repeats too, unless a request finished in
-/// between, and then the iocb is simply queued now.
 fn submit_chunk(context: &mut Context, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
-    let mut at = 0;
-    while at < iocbs.len() {
-        match context.submit(&iocbs[at..]) {
-            Ok(n) => at += n,
-            Err(e) => return (at, Some(e)),
-        }
-        if at < iocbs.len() {
-            match context.submit(&iocbs[at..at + 1]) {
-                Ok(n) => at += n,
-                Err(e) => return (at, Some(e)),
-            }
-        }
-    }
-    (at, None)
+    context.submit_partial(iocbs)
 }
 
 /// Whether the kernel, refusing `iocb` with `e`, had already stored its `aio_key`. In

@@ -546,7 +546,33 @@ impl Context {
     /// the reverse); EINVAL for an unknown opcode, a reserved field that is not zero, a negative
     /// offset, or too many iovecs; EOPNOTSUPP for unknown `aio_rw_flags`.
     pub fn submit(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
-        let r = self.submit_batch(iocbs);
+        match self.submit_partial(iocbs) {
+            (0, Some(e)) => Err(e),
+            (queued, _) => Ok(queued),
+        }
+    }
+
+    /// As [`Context::submit`], but also says why the batch stopped early: the count queued, and
+    /// the errno of the iocb that was refused, if one was (the iocbs after it were not looked
+    /// at). The C ABI uses it to store `aio_key` exactly where the kernel would.
+    pub fn submit_partial(&mut self, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
+        let now = Instant::now();
+        let mut queued = 0;
+        let mut refused = None;
+        for iocb in iocbs {
+            match self.submit_one(iocb, now) {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        // One doorbell per queue for the whole batch.
+        for q in 0..self.queues.len() {
+            self.issue(q);
+            self.queues[q].qp.ring();
+        }
         // Events completed inside submit (POLL, errors reported as events) must show on the
         // notification descriptor too.
         if let Some(ev) = &self.ctx_event {
@@ -554,30 +580,7 @@ impl Context {
                 let _ = ev.write(1);
             }
         }
-        r
-    }
-
-    fn submit_batch(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
-        let now = Instant::now();
-        let mut queued = 0;
-        let mut first_err = None;
-        for iocb in iocbs {
-            match self.submit_one(iocb, now) {
-                Ok(()) => queued += 1,
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
-                }
-            }
-        }
-        for q in 0..self.queues.len() {
-            self.issue(q);
-            self.queues[q].qp.ring();
-        }
-        match (queued, first_err) {
-            (0, Some(e)) => Err(e),
-            _ => Ok(queued),
-        }
+        (queued, refused)
     }
 
     fn submit_one(&mut self, iocb: &Iocb, now: Instant) -> Result<(), Errno> {
