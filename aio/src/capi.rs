@@ -346,7 +346,9 @@ const SUBMIT_CHUNK: usize = 64;
 
 /// Submits `iocbs` and returns how many were queued and, if one was refused, why.
 fn submit_chunk(context: &mut Context, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
-    context.submit_partial(iocbs)
+    // SAFETY: io_submit's caller takes on io_submit(2)'s contract for the buffers, which is
+    // submit_partial's.
+    unsafe { context.submit_partial(iocbs) }
 }
 
 /// Whether the kernel, refusing `iocb` with `e`, had already stored its `aio_key`. In

@@ -545,8 +545,16 @@ impl Context {
     /// unreaped); EBADF for a descriptor nvaio does not own, or a read on a write-only one (and
     /// the reverse); EINVAL for an unknown opcode, a reserved field that is not zero, a negative
     /// offset, or too many iovecs; EOPNOTSUPP for unknown `aio_rw_flags`.
-    pub fn submit(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
-        match self.submit_partial(iocbs) {
+    ///
+    /// # Safety
+    /// Each iocb's buffer (and, for the vectored opcodes, its iovec array, read here) must be
+    /// valid for the transfer it describes, and a read's buffer must not be otherwise accessed,
+    /// until the request's event has been delivered or the context dropped (dropping waits for
+    /// requests in flight): the device and nvaio write and read it in the meantime, exactly as
+    /// the kernel does with the buffers of its AIO. This is the contract of `io_submit(2)`.
+    pub unsafe fn submit(&mut self, iocbs: &[&Iocb]) -> Result<usize, Errno> {
+        // SAFETY: the caller's promise is the same contract.
+        match unsafe { self.submit_partial(iocbs) } {
             (0, Some(e)) => Err(e),
             (queued, _) => Ok(queued),
         }
@@ -555,7 +563,10 @@ impl Context {
     /// As [`Context::submit`], but also says why the batch stopped early: the count queued, and
     /// the errno of the iocb that was refused, if one was (the iocbs after it were not looked
     /// at). The C ABI uses it to store `aio_key` exactly where the kernel would.
-    pub fn submit_partial(&mut self, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
+    ///
+    /// # Safety
+    /// As for [`Context::submit`].
+    pub unsafe fn submit_partial(&mut self, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
         let now = Instant::now();
         let mut queued = 0;
         let mut refused = None;
@@ -1030,26 +1041,34 @@ impl Context {
         self.free_reqs.push(r);
     }
 
-    /// Moves completed kernel requests' events into this context's ring.
+    /// Moves completed kernel requests' events into this context's ring, all of them: a batch
+    /// at a time, so none is ever taken from the kernel's ring without being posted.
     fn poll_kernel(&mut self) -> usize {
-        let Some(kernel) = self.kernel.as_mut() else { return 0 };
-        let mut done = [(0u32, 0i64, 0i64); 32];
-        let mut n = 0;
-        let reaped = kernel.reap(|r, res, res2| {
-            if n < done.len() {
+        const BATCH: usize = 32;
+        let mut total = 0;
+        loop {
+            let Some(kernel) = self.kernel.as_mut() else { return total };
+            let mut done = [(0u32, 0i64, 0i64); BATCH];
+            let mut n = 0;
+            kernel.reap(BATCH, |r, res, res2| {
                 done[n] = (r, res, res2);
                 n += 1;
+            });
+            for &(r, res, res2) in &done[..n] {
+                let known = (r as usize) < self.reqs.len()
+                    && self.reqs[r as usize].active
+                    && self.reqs[r as usize].kind == Kind::Kernel;
+                if known {
+                    self.finish2(r, res, res2);
+                } else {
+                    tracing::warn!(request = r, "kernel AIO event for no request of nvaio's");
+                }
             }
-        });
-        for &(r, res, res2) in &done[..n] {
-            if (r as usize) < self.reqs.len()
-                && self.reqs[r as usize].active
-                && self.reqs[r as usize].kind == Kind::Kernel
-            {
-                self.finish2(r, res, res2);
+            total += n;
+            if n < BATCH {
+                return total;
             }
         }
-        reaped
     }
 
     /// `io_getevents`: waits until at least `min_nr` events are available (or `timeout`
@@ -1066,7 +1085,8 @@ impl Context {
         if min_nr > out.len() {
             return Err(Errno(libc::EINVAL));
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to add to the clock is no limit at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut got = 0;
         loop {
             let mut now_check = None;

@@ -71,10 +71,10 @@ impl KernelAio {
         self.ctx as *mut AioRingHeader
     }
 
-    /// Reads completed events from the kernel's ring in user space, as libaio does, calling
-    /// `f(request, res, res2)` for each. Falls back to io_getevents if the ring is not the
-    /// layout this code knows.
-    pub fn reap(&mut self, mut f: impl FnMut(u32, i64, i64)) -> usize {
+    /// Reads up to `max` completed events from the kernel's ring in user space, as libaio does,
+    /// calling `f(request, res, res2)` for each; the rest stay in the ring for the next call.
+    /// Falls back to io_getevents if the ring is not the layout this code knows.
+    pub fn reap(&mut self, max: usize, mut f: impl FnMut(u32, i64, i64)) -> usize {
         let h = self.header();
         // SAFETY: the context id is the address of the kernel's ring, mapped in this process
         // for the context's life; its header is read and written with volatile accesses
@@ -88,10 +88,10 @@ impl KernelAio {
             )
         };
         if magic != AIO_RING_MAGIC || incompat != 0 || nr == 0 {
-            return self.reap_syscall(f);
+            return self.reap_syscall(max, f);
         }
         let mut n = 0;
-        loop {
+        while n < max {
             // SAFETY: as above.
             let (head, tail) = unsafe {
                 (
@@ -113,10 +113,12 @@ impl KernelAio {
             f(ev.data as u32, ev.res, ev.res2);
             n += 1;
         }
+        n
     }
 
-    fn reap_syscall(&mut self, mut f: impl FnMut(u32, i64, i64)) -> usize {
+    fn reap_syscall(&mut self, max: usize, mut f: impl FnMut(u32, i64, i64)) -> usize {
         let mut evs = [IoEvent::default(); 16];
+        let want = max.min(evs.len()) as libc::c_long;
         let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: the event array and timespec are valid for the call.
         let n = unsafe {
@@ -124,7 +126,7 @@ impl KernelAio {
                 libc::SYS_io_getevents,
                 self.ctx,
                 0 as libc::c_long,
-                16 as libc::c_long,
+                want,
                 evs.as_mut_ptr(),
                 &zero,
             )

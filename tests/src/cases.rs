@@ -2,6 +2,7 @@
 //! QEMU's emulated NVMe through VFIO in the guest, and nvaio's in-process emulated controller on
 //! the host. Each case returns `Err(reason)` on the first wrong value it sees.
 
+use crate::SubmitForTests;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,7 +108,7 @@ impl Drop for Fd {
 
 /// Submits one iocb and waits (bounded) for its event.
 fn run_one(ctx: &mut Context, iocb: &Iocb) -> Result<IoEvent, String> {
-    let n = ctx.submit(&[iocb]).map_err(|e| format!("io_submit: {e}"))?;
+    let n = ctx.submit_io(&[iocb]).map_err(|e| format!("io_submit: {e}"))?;
     check!(n == 1, "io_submit queued {n}, expected 1");
     wait_events(ctx, 1).map(|v| v[0])
 }
@@ -214,7 +215,7 @@ fn phase_wrap(t: &Target) -> CaseResult {
             })
             .collect();
         let refs: Vec<&Iocb> = iocbs.iter().collect();
-        let n = ctx.submit(&refs).map_err(|e| format!("io_submit: {e}"))?;
+        let n = ctx.submit_io(&refs).map_err(|e| format!("io_submit: {e}"))?;
         check!(n == batch.len(), "queued {n} of {}", batch.len());
         for ev in wait_events(&mut ctx, n)? {
             check!(ev.res == bs as i64, "write {} res {}", ev.data, ev.res);
@@ -230,7 +231,7 @@ fn phase_wrap(t: &Target) -> CaseResult {
             })
             .collect();
         let refs: Vec<&Iocb> = iocbs.iter().collect();
-        let n = ctx.submit(&refs).map_err(|e| format!("io_submit: {e}"))?;
+        let n = ctx.submit_io(&refs).map_err(|e| format!("io_submit: {e}"))?;
         check!(n == batch.len(), "queued {n} of {}", batch.len());
         for ev in wait_events(&mut ctx, n)? {
             check!(ev.res == bs as i64, "read {} res {}", ev.data, ev.res);
@@ -331,23 +332,26 @@ fn access_modes(t: &Target) -> CaseResult {
     let mut ctx = Context::setup(4).map_err(|e| e.to_string())?;
     let mut b = Buf::new(bs, 0);
     // A descriptor nvaio does not own.
-    let err = ctx.submit(&[&Iocb::pread(9999, b.ptr(), bs, 0)]);
+    let err = ctx.submit_io(&[&Iocb::pread(9999, b.ptr(), bs, 0)]);
     check!(err == Err(nvaio::Errno(libc::EBADF)), "unknown fd: {err:?}");
     let ro = Fd(open(t, 1, Access::ReadOnly)?);
-    let err = ctx.submit(&[&Iocb::pwrite(ro.0, b.ptr(), bs, 0)]);
+    let err = ctx.submit_io(&[&Iocb::pwrite(ro.0, b.ptr(), bs, 0)]);
     check!(err == Err(nvaio::Errno(libc::EBADF)), "write on read-only fd: {err:?}");
     let ev = run_one(&mut ctx, &Iocb::pread(ro.0, b.ptr(), bs, 0))?;
     check!(ev.res == bs as i64, "read on read-only fd: res {}", ev.res);
     let wo = Fd(open(t, 1, Access::WriteOnly)?);
-    let err = ctx.submit(&[&Iocb::pread(wo.0, b.ptr(), bs, 0)]);
+    let err = ctx.submit_io(&[&Iocb::pread(wo.0, b.ptr(), bs, 0)]);
     check!(err == Err(nvaio::Errno(libc::EBADF)), "read on write-only fd: {err:?}");
     let bad = Iocb { aio_lio_opcode: 42, aio_fildes: ro.0 as u32, ..Default::default() };
-    check!(ctx.submit(&[&bad]) == Err(nvaio::Errno(libc::EINVAL)), "unknown opcode accepted");
+    check!(ctx.submit_io(&[&bad]) == Err(nvaio::Errno(libc::EINVAL)), "unknown opcode accepted");
     let reserved = Iocb { aio_reserved2: 1, ..Iocb::pread(ro.0, b.ptr(), bs, 0) };
-    check!(ctx.submit(&[&reserved]) == Err(nvaio::Errno(libc::EINVAL)), "reserved field accepted");
+    check!(
+        ctx.submit_io(&[&reserved]) == Err(nvaio::Errno(libc::EINVAL)),
+        "reserved field accepted"
+    );
     // A good iocb followed by a bad one: the count of those queued is returned.
     let good = Iocb::pread(ro.0, b.ptr(), bs, 0);
-    let n = ctx.submit(&[&good, &bad]);
+    let n = ctx.submit_io(&[&good, &bad]);
     check!(n == Ok(1), "good+bad batch returned {n:?}");
     let ev = wait_events(&mut ctx, 1)?;
     check!(ev[0].res == bs as i64, "batched read res {}", ev[0].res);
@@ -365,7 +369,7 @@ fn context_full(t: &Target) -> CaseResult {
     // that); keep submitting until the context says EAGAIN.
     let mut queued = 0;
     let err = loop {
-        match ctx.submit(&[&iocbs[queued]]) {
+        match ctx.submit_io(&[&iocbs[queued]]) {
             Ok(1) => queued += 1,
             Ok(n) => return Err(format!("io_submit of one returned {n}")),
             Err(e) => break e,
@@ -376,7 +380,7 @@ fn context_full(t: &Target) -> CaseResult {
     check!(queued >= 4, "a context of 4 queued only {queued}");
     let evs = wait_events(&mut ctx, queued)?;
     check!(evs.iter().all(|e| e.res == bs as i64), "events {evs:?}");
-    let n = ctx.submit(&[&iocbs[0]]).map_err(|e| e.to_string())?;
+    let n = ctx.submit_io(&[&iocbs[0]]).map_err(|e| e.to_string())?;
     check!(n == 1, "after reaping, queued {n}");
     wait_events(&mut ctx, 1)?;
     let mut none = [IoEvent::default(); 2];
@@ -443,7 +447,7 @@ fn resfd(t: &Target) -> CaseResult {
         .map(|(i, b)| Iocb::pread(fd.0, b.ptr(), bs, (i * bs) as i64).with_eventfd(efd))
         .collect();
     let refs: Vec<&Iocb> = iocbs.iter().collect();
-    let n = ctx.submit(&refs).map_err(|e| e.to_string())?;
+    let n = ctx.submit_io(&refs).map_err(|e| e.to_string())?;
     wait_events(&mut ctx, n)?;
     let mut count = 0u64;
     // SAFETY: reads 8 bytes into a local from our own eventfd.

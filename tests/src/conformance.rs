@@ -2149,7 +2149,9 @@ impl Backend for RustApi {
             refs.push(unsafe { &*p });
         }
         let c = self.ctx(ctx)?;
-        c.submit(&refs).map(|n| n as i64).map_err(errno)
+        // SAFETY: the case's arena holds every buffer and iovec for the whole case, past the
+        // destruction of its contexts.
+        unsafe { c.submit(&refs) }.map(|n| n as i64).map_err(errno)
     }
     unsafe fn get_events(
         &mut self,

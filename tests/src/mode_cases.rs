@@ -10,6 +10,7 @@
 //! `io_getevents` that can only time out. They are not timing tests: the thresholds (under 1 %
 //! sleeping, over 25 % spinning) are far apart, and the wall time only has to be about right.
 
+use crate::SubmitForTests;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -133,7 +134,7 @@ fn wait_events(ctx: &mut Context, n: usize) -> Result<Vec<IoEvent>, String> {
 
 fn submit_all(ctx: &mut Context, iocbs: &[Iocb]) -> Result<(), String> {
     let refs: Vec<&Iocb> = iocbs.iter().collect();
-    let n = ctx.submit(&refs).map_err(|e| format!("io_submit: {e}"))?;
+    let n = ctx.submit_io(&refs).map_err(|e| format!("io_submit: {e}"))?;
     check!(n == iocbs.len(), "io_submit queued {n} of {}", iocbs.len());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The whole stack (AIO context, driver) against nvaio's in-process emulated controller: the
 //! shared cases on several device configurations, then misbehaving devices. Runs on any host.
 
+use nvaio_tests::SubmitForTests;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,7 +109,7 @@ fn media_error_fails_only_that_read_with_enodata() {
     rig.emu.inject(FaultRule::new(FaultAction::Fail(status)).opcode(nvm::READ).lbas(100..101));
     let bad = rig.read_iocb(100);
     let good = rig.read_iocb(300);
-    assert_eq!(rig.ctx.submit(&[&bad, &good]), Ok(2));
+    assert_eq!(rig.ctx.submit_io(&[&bad, &good]), Ok(2));
     let mut evs = rig.wait(2, Duration::from_secs(5));
     evs.sort_by_key(|e| e.obj != &bad as *const Iocb as u64);
     assert_eq!(evs.len(), 2);
@@ -121,14 +122,14 @@ fn lost_command_times_out_and_the_queue_goes_on() {
     let mut rig = Rig::new(EmuConfig::default(), Duration::from_millis(200));
     rig.emu.inject(FaultRule::new(FaultAction::Drop).opcode(nvm::READ).times(1));
     let lost = rig.read_iocb(5);
-    assert_eq!(rig.ctx.submit(&[&lost]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&lost]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs.len(), 1, "the lost read must complete by its deadline");
     assert_eq!(evs[0].res, -i64::from(libc::ETIMEDOUT));
     assert_eq!(rig.ctx.stats().timeouts, 1);
     // The next read works; the lost command keeps its slot, which nothing reuses.
     let next = rig.read_iocb(6);
-    assert_eq!(rig.ctx.submit(&[&next]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&next]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs[0].res, 512);
 }
@@ -138,17 +139,17 @@ fn bogus_and_duplicate_completions_are_counted_not_delivered() {
     let mut rig = Rig::new(EmuConfig::default(), Duration::from_millis(300));
     rig.emu.inject(FaultRule::new(FaultAction::Duplicate).opcode(nvm::READ).times(1));
     let a = rig.read_iocb(1);
-    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&a]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs[0].res, 512);
     rig.emu.inject(FaultRule::new(FaultAction::WrongCid(0x0abc)).opcode(nvm::READ).times(1));
     let b = rig.read_iocb(2);
-    assert_eq!(rig.ctx.submit(&[&b]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&b]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs[0].res, -i64::from(libc::ETIMEDOUT));
     // Exactly one event per request: nothing extra appears.
     let c = rig.read_iocb(3);
-    assert_eq!(rig.ctx.submit(&[&c]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&c]), Ok(1));
     let evs = rig.wait(4, Duration::from_millis(500));
     assert_eq!(evs.len(), 1);
     assert_eq!(evs[0].obj, &c as *const Iocb as u64);
@@ -161,7 +162,7 @@ fn cancel_of_a_held_command_aborts_it() {
     let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(10));
     rig.emu.inject(FaultRule::new(FaultAction::Hold).opcode(nvm::READ));
     let a = rig.read_iocb(7);
-    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&a]), Ok(1));
     assert_eq!(rig.emu.held(), 1);
     assert_eq!(rig.ctx.cancel(&a), Err(nvaio::Errno(libc::EINPROGRESS)));
     let evs = rig.wait(1, Duration::from_secs(5));
@@ -180,7 +181,7 @@ fn cancel_declined_by_the_controller_delivers_the_real_result() {
     rig.emu.namespace_write(1, 8 * 512, &[0x5a; 512]);
     rig.emu.inject(FaultRule::new(FaultAction::Hold).opcode(nvm::READ));
     let a = rig.read_iocb(8);
-    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&a]), Ok(1));
     assert_eq!(rig.ctx.cancel(&a), Err(nvaio::Errno(libc::EINPROGRESS)));
     assert_eq!(rig.emu.release_held(), 1);
     let evs = rig.wait(1, Duration::from_secs(5));
@@ -193,13 +194,13 @@ fn a_vanished_controller_fails_io_with_eio_before_the_timeout() {
     let mut rig = Rig::new(EmuConfig::default(), Duration::from_secs(60));
     rig.emu.inject(FaultRule::new(FaultAction::Vanish).opcode(nvm::READ));
     let a = rig.read_iocb(9);
-    assert_eq!(rig.ctx.submit(&[&a]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&a]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs.len(), 1, "no event within 5 s of the device vanishing");
     assert_eq!(evs[0].res, -i64::from(libc::EIO));
     // Later I/O on the dead controller fails at once, as an event.
     let b = rig.read_iocb(10);
-    assert_eq!(rig.ctx.submit(&[&b]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&b]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(1));
     assert_eq!(evs[0].res, -i64::from(libc::EIO));
     assert!(rig.ctrl.health().is_err());
@@ -212,7 +213,7 @@ fn a_fatal_controller_fails_io_with_eio() {
     rig.emu.inject(FaultRule::new(FaultAction::Fatal).qid(1).opcode(nvm::WRITE));
     let data = vec![1u8; 512];
     let w = Iocb::pwrite(rig.fd, data.as_ptr(), 512, 0);
-    assert_eq!(rig.ctx.submit(&[&w]), Ok(1));
+    assert_eq!(rig.ctx.submit_io(&[&w]), Ok(1));
     let evs = rig.wait(1, Duration::from_secs(5));
     assert_eq!(evs[0].res, -i64::from(libc::EIO));
 }
@@ -226,7 +227,7 @@ fn one_doorbell_per_submit_batch() {
         .map(|i| Iocb::pread(rig.fd, base.wrapping_add(i * 512), 512, (i * 512) as i64))
         .collect();
     let refs: Vec<&Iocb> = iocbs.iter().collect();
-    assert_eq!(rig.ctx.submit(&refs), Ok(12));
+    assert_eq!(rig.ctx.submit_io(&refs), Ok(12));
     assert_eq!(rig.emu.stats().sq_doorbells[1] - before, 1, "12 reads, one SQ doorbell");
     let evs = rig.wait(12, Duration::from_secs(5));
     assert_eq!(evs.len(), 12);
@@ -260,7 +261,7 @@ fn data_written_reaches_the_medium_at_the_right_place() {
     let data: Vec<u8> = (0..40 << 10).map(|i: u32| (i * 7 % 251) as u8).collect();
     raw[off..off + data.len()].copy_from_slice(&data);
     let w = Iocb::pwrite(fd, raw[off..].as_ptr(), data.len(), 3 * 4096);
-    assert_eq!(ctx.submit(&[&w]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&w]), Ok(1));
     let mut ev = [IoEvent::default()];
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
     assert_eq!(ev[0].res, data.len() as i64);
@@ -281,7 +282,7 @@ fn nowait_fails_with_eagain_instead_of_waiting() {
     let first = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
     let mut second = Iocb::pread(fd, buf[1024..].as_mut_ptr(), 512, 512);
     second.aio_rw_flags = nvaio::abi::rwf::NOWAIT;
-    assert_eq!(ctx.submit(&[&first, &second]), Ok(2));
+    assert_eq!(ctx.submit_io(&[&first, &second]), Ok(2));
     let mut ev = [IoEvent::default(); 2];
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(2))), Ok(1));
     assert_eq!(ev[0].obj, &second as *const Iocb as u64);
@@ -305,38 +306,38 @@ fn submit_time_checks_match_the_kernel() {
     let poll =
         Iocb { aio_lio_opcode: nvaio::abi::opcode::POLL, aio_buf: libc::POLLIN as u64, ..base };
     let poll = Iocb { aio_nbytes: 0, ..poll };
-    assert_eq!(ctx.submit(&[&poll]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&poll]), Ok(1));
     let mut ev = [IoEvent::default(); 1];
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(1))), Ok(1));
     assert_eq!(ev[0].res, i64::from(libc::POLLIN));
     let poll_pri = Iocb { aio_buf: libc::POLLPRI as u64, ..poll };
-    assert_eq!(ctx.submit(&[&poll_pri]), einval);
+    assert_eq!(ctx.submit_io(&[&poll_pri]), einval);
     // NOOP is not an operation the kernel's AIO performs.
     let noop = Iocb { aio_lio_opcode: nvaio::abi::opcode::NOOP, ..base };
-    assert_eq!(ctx.submit(&[&noop]), einval);
+    assert_eq!(ctx.submit_io(&[&noop]), einval);
     // fsync takes no buffer, offset, length or flags.
     let fsync = Iocb { aio_offset: 512, ..Iocb::fsync(fd) };
-    assert_eq!(ctx.submit(&[&fsync]), einval);
+    assert_eq!(ctx.submit_io(&[&fsync]), einval);
     // Unknown rw flags: EOPNOTSUPP; bad priorities: EINVAL.
     let flags = Iocb { aio_rw_flags: 0x100, ..base };
-    assert_eq!(ctx.submit(&[&flags]), Err(nvaio::Errno(libc::EOPNOTSUPP)));
+    assert_eq!(ctx.submit_io(&[&flags]), Err(nvaio::Errno(libc::EOPNOTSUPP)));
     let prio = Iocb { aio_flags: nvaio::abi::IOCB_FLAG_IOPRIO, aio_reqprio: 5 << 13, ..base };
-    assert_eq!(ctx.submit(&[&prio]), einval);
+    assert_eq!(ctx.submit_io(&[&prio]), einval);
     let prio_ok = Iocb { aio_reqprio: (2 << 13) | 3, ..prio };
-    assert_eq!(ctx.submit(&[&prio_ok]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&prio_ok]), Ok(1));
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(1))), Ok(1));
     // A result eventfd that is not an eventfd, or not open.
     let not_efd = Iocb { aio_flags: nvaio::abi::IOCB_FLAG_RESFD, aio_resfd: 1, ..base };
-    assert_eq!(ctx.submit(&[&not_efd]), einval);
+    assert_eq!(ctx.submit_io(&[&not_efd]), einval);
     let closed = Iocb { aio_resfd: 9999, ..not_efd };
-    assert_eq!(ctx.submit(&[&closed]), Err(nvaio::Errno(libc::EBADF)));
+    assert_eq!(ctx.submit_io(&[&closed]), Err(nvaio::Errno(libc::EBADF)));
     // Negative sizes and offsets, kernel addresses.
     let neg = Iocb { aio_nbytes: u64::MAX, ..base };
-    assert_eq!(ctx.submit(&[&neg]), einval);
+    assert_eq!(ctx.submit_io(&[&neg]), einval);
     let neg_off = Iocb { aio_offset: -512, ..base };
-    assert_eq!(ctx.submit(&[&neg_off]), einval);
+    assert_eq!(ctx.submit_io(&[&neg_off]), einval);
     let kaddr = Iocb { aio_buf: 0xffff_8000_0000_0000, ..base };
-    assert_eq!(ctx.submit(&[&kaddr]), Err(nvaio::Errno(libc::EFAULT)));
+    assert_eq!(ctx.submit_io(&[&kaddr]), Err(nvaio::Errno(libc::EFAULT)));
     nvaio::close(fd).unwrap();
 }
 
@@ -354,7 +355,7 @@ fn one_context_serves_a_namespace_and_a_regular_file() {
     let mut b = vec![0u8; 512];
     let on_nvme = Iocb::pread(fd, a.as_mut_ptr(), 512, 0).with_data(1);
     let on_file = Iocb::pread(ffd, b.as_mut_ptr(), 512, 0).with_data(2);
-    assert_eq!(ctx.submit(&[&on_nvme, &on_file]), Ok(2));
+    assert_eq!(ctx.submit_io(&[&on_nvme, &on_file]), Ok(2));
     let mut evs = [IoEvent::default(); 2];
     let mut got = 0;
     while got < 2 {
@@ -368,7 +369,7 @@ fn one_context_serves_a_namespace_and_a_regular_file() {
     assert!(b.iter().all(|&x| x == 0xcd));
     // The kernel's own checks apply to the file: writing a read-only file is EBADF.
     let w = Iocb::pwrite(ffd, a.as_ptr(), 512, 0);
-    assert_eq!(ctx.submit(&[&w]), Err(nvaio::Errno(libc::EBADF)));
+    assert_eq!(ctx.submit_io(&[&w]), Err(nvaio::Errno(libc::EBADF)));
     drop(file);
     let _ = std::fs::remove_file(path);
     nvaio::close(fd).unwrap();
@@ -389,14 +390,14 @@ fn registered_buffers_move_data_without_bounce_copies() {
     mem[4..4 + data.len()].copy_from_slice(&data);
     // 100 KiB through 16 KiB commands (MDTS 2): PRP lists in registered memory.
     let w = Iocb::pwrite(fd, base, data.len(), 8192);
-    assert_eq!(ctx.submit(&[&w]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&w]), Ok(1));
     let mut ev = [IoEvent::default()];
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
     assert_eq!(ev[0].res, data.len() as i64);
     assert_eq!(emu.namespace_read(1, 8192, data.len()), data);
     mem[4..4 + data.len()].fill(0);
     let r = Iocb::pread(fd, base, data.len(), 8192);
-    assert_eq!(ctx.submit(&[&r]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&r]), Ok(1));
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
     assert_eq!(ev[0].res, data.len() as i64);
     assert_eq!(&mem[4..4 + data.len()], &data[..]);
@@ -404,11 +405,40 @@ fn registered_buffers_move_data_without_bounce_copies() {
     // A buffer outside the registered range still works, through bounce pages.
     let mut other = vec![0u8; 4096];
     let r = Iocb::pread(fd, other.as_mut_ptr(), 4096, 8192);
-    assert_eq!(ctx.submit(&[&r]), Ok(1));
+    assert_eq!(ctx.submit_io(&[&r]), Ok(1));
     assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
     assert_eq!(&other[..], &data[..4096]);
     assert_eq!(ctx.stats().zero_copy, 14);
     assert_eq!(ctx.unregister_buffer(base), Ok(()));
     assert_eq!(ctx.unregister_buffer(base), Err(nvaio::Errno(libc::EINVAL)));
     nvaio::close(fd).unwrap();
+}
+
+#[test]
+fn many_kernel_requests_in_one_context_all_complete() {
+    // More completions than one reaping pass takes from the kernel's ring.
+    let path = std::env::temp_dir().join(format!("nvaio-many-{}", std::process::id()));
+    std::fs::write(&path, vec![0x5a; 512 * 200]).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let ffd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut bufs = vec![0u8; 512 * 200];
+    let mut ctx = Context::setup(256).unwrap();
+    let iocbs: Vec<Iocb> = (0..200)
+        .map(|i| Iocb::pread(ffd, bufs[i * 512..].as_mut_ptr(), 512, (i * 512) as i64))
+        .collect();
+    let refs: Vec<&Iocb> = iocbs.iter().collect();
+    assert_eq!(ctx.submit_io(&refs), Ok(200));
+    let mut evs = vec![IoEvent::default(); 200];
+    let mut got = 0;
+    while got < 200 {
+        let n = ctx.get_events(1, &mut evs[got..], Some(Duration::from_secs(5))).unwrap();
+        assert!(n > 0, "only {got} of 200 events");
+        got += n;
+    }
+    assert!(evs.iter().all(|e| e.res == 512));
+    assert_eq!(ctx.in_flight(), 0);
+    assert!(bufs.iter().all(|&b| b == 0x5a));
+    drop(ctx);
+    drop(file);
+    let _ = std::fs::remove_file(path);
 }

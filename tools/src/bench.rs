@@ -506,7 +506,11 @@ pub fn run(t: &Target, p: &Params) -> Result<Report> {
                 }
                 // The batch lists the free stack from its top down, so the queued prefix is the
                 // top of the stack.
-                match ctx.submit(&batch[..n]) {
+                // SAFETY: `buffers` is declared before the context and so outlives every
+                // request (dropping the context waits for those in flight).
+                #[allow(unsafe_code)]
+                let submitted = unsafe { ctx.submit(&batch[..n]) };
+                match submitted {
                     Ok(queued) => {
                         let queued = queued.min(n);
                         for &slot in &free[top - queued..] {

@@ -24,7 +24,10 @@ fn transfer(
     lba: u64,
     blocks: u64,
 ) -> Result<()> {
-    ctx.submit(&[iocb])
+    // SAFETY: the callers declare the buffer before the context, so even when this returns
+    // early (a failed or late event) the context is dropped first, waiting for the request.
+    #[allow(unsafe_code)]
+    unsafe { ctx.submit(&[iocb]) }
         .map_err(|e| Error::msg(format!("cannot submit the {what} of LBA {lba}: {e}")))?;
     let mut ev = [IoEvent::default()];
     let got = ctx
