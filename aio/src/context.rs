@@ -271,6 +271,9 @@ pub struct Context {
     spin: HybridSpin,
     polls_since_check: u32,
     next_expiry_check: Instant,
+    /// The fork generation the context was made in; in a forked child it is unusable (its
+    /// queues and memory are the parent's), as a kernel AIO context is.
+    fork_gen: u64,
     stats: ContextStats,
 }
 
@@ -346,6 +349,7 @@ impl Context {
             spin: HybridSpin::default(),
             polls_since_check: 0,
             next_expiry_check: Instant::now(),
+            fork_gen: nvaio_dma::fork::generation(),
             stats: ContextStats::default(),
         })
     }
@@ -375,6 +379,13 @@ impl Context {
     /// epoll set or poll(2). Call `get_events` when it fires (that also resets it).
     pub fn notification_fd(&self) -> Option<RawFd> {
         self.waiter.as_ref().map(Waiter::fd)
+    }
+
+    /// Whether this process is a child forked after the context was made: the context is then
+    /// the parent's, and every call on it fails with EINVAL (as with the kernel's AIO, whose
+    /// contexts a child does not inherit). Dropping it touches nothing.
+    pub fn forked(&self) -> bool {
+        nvaio_dma::fork::forked_since(self.fork_gen)
     }
 
     /// The completion mode this context was set up with.
@@ -422,7 +433,14 @@ impl Context {
             .clamp(2, ctrl.max_queue_entries());
         let create_failed = |e: nvaio_nvme::ControllerError| {
             tracing::warn!("cannot create an I/O queue pair: {e}");
-            Errno(libc::EAGAIN)
+            Errno(match e {
+                // Every I/O queue the controller granted is taken by other contexts.
+                nvaio_nvme::ControllerError::NoQueues { .. } => libc::EBUSY,
+                // The descriptor's controller belongs to the parent of this forked process.
+                nvaio_nvme::ControllerError::Forked { .. } => libc::EBADF,
+                nvaio_nvme::ControllerError::Dma(_) => libc::ENOMEM,
+                _ => libc::EIO,
+            })
         };
         let mut irq_qp = None;
         if let Some(w) = self.waiter.as_mut() {
@@ -501,6 +519,9 @@ impl Context {
     /// [`Context::unregister_buffer`] or until the context is dropped. The device writes it
     /// during reads into it, as the kernel does with O_DIRECT.
     pub unsafe fn register_buffer(&mut self, addr: *mut u8, len: usize) -> Result<(), Errno> {
+        if self.forked() {
+            return Err(Errno(libc::EINVAL));
+        }
         let addr = addr as u64;
         let end = addr.checked_add(len as u64).ok_or(Errno(libc::EINVAL))?;
         if len == 0 || self.registered.iter().any(|b| addr < b.addr + b.len as u64 && b.addr < end)
@@ -567,6 +588,9 @@ impl Context {
     /// # Safety
     /// As for [`Context::submit`].
     pub unsafe fn submit_partial(&mut self, iocbs: &[&Iocb]) -> (usize, Option<Errno>) {
+        if self.forked() {
+            return (0, Some(Errno(libc::EINVAL)));
+        }
         let now = Instant::now();
         let mut queued = 0;
         let mut refused = None;
@@ -628,16 +652,36 @@ impl Context {
             Err(e) if e.0 == libc::EBADF && kernel::is_open_fd(fd) => None,
             Err(e) => return Err(e),
         };
+        // The kernel holds a reference to the eventfd until the event is posted, so closing
+        // the number meanwhile (and reusing it for a file) changes nothing. nvaio holds a
+        // duplicate for the same reason, and closes it after signalling.
         let resfd = if iocb.aio_flags & abi::IOCB_FLAG_RESFD != 0 {
             let efd = iocb.aio_resfd as RawFd;
             kernel::check_eventfd(efd)?;
-            efd
+            kernel::dup_cloexec(efd)?
         } else {
             -1
         };
-        let Some(fi) = fi else {
-            return self.prepare_kernel(r, iocb, resfd, now);
+        let result = match fi {
+            None => self.prepare_kernel(r, iocb, resfd, now),
+            Some(fi) => self.prepare_nvme(r, iocb, fi, resfd, now),
         };
+        if result.is_err() && resfd >= 0 {
+            kernel::close(resfd);
+        }
+        result
+    }
+
+    /// The part of `prepare` for a namespace of nvaio's; `resfd` is owned by the request once
+    /// this succeeds.
+    fn prepare_nvme(
+        &mut self,
+        r: u32,
+        iocb: &Iocb,
+        fi: usize,
+        resfd: RawFd,
+        now: Instant,
+    ) -> Result<(), Errno> {
         let (access, nsid, block_size, size, q) = {
             let (_, f, q) = &self.files[fi];
             (f.access, f.ns.nsid, f.ns.block_size, f.ns.size_bytes(), *q)
@@ -774,9 +818,13 @@ impl Context {
                 kernel.submit(r, &copy)?;
                 self.start(r, iocb, Kind::Kernel, resfd, now);
             }
-            // Polled mode reads the kernel's ring; the kernel signals the application's eventfd.
+            // Polled mode reads the kernel's ring; the kernel signals the application's eventfd
+            // (and holds its own reference to it), so nvaio's duplicate is not needed.
             None => {
                 kernel.submit(r, iocb)?;
+                if resfd >= 0 {
+                    kernel::close(resfd);
+                }
                 self.start(r, iocb, Kind::Kernel, -1, now);
             }
         }
@@ -1032,9 +1080,10 @@ impl Context {
         self.slots.completed(self.ring.head(), self.ring.tail());
         if resfd >= 0 {
             let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a local; a bad descriptor only makes write fail,
-            // which the kernel ignores too (eventfd_signal on a put file).
+            // SAFETY: writes 8 bytes from a local to the request's own duplicate of the
+            // application's eventfd, which it then closes.
             unsafe { libc::write(resfd, (&one as *const u64).cast(), 8) };
+            kernel::close(resfd);
         }
         self.in_flight -= 1;
         self.stats.completed += 1;
@@ -1082,7 +1131,7 @@ impl Context {
         out: &mut [IoEvent],
         timeout: Option<Duration>,
     ) -> Result<usize, Errno> {
-        if min_nr > out.len() {
+        if min_nr > out.len() || self.forked() {
             return Err(Errno(libc::EINVAL));
         }
         // A timeout too long to add to the clock is no limit at all.
@@ -1241,6 +1290,9 @@ impl Context {
     /// Errors: EINPROGRESS (cancellation started; not a failure); EINVAL if no request of this
     /// context was submitted with that iocb or it has already completed.
     pub fn cancel(&mut self, iocb: *const Iocb) -> Result<(), Errno> {
+        if self.forked() {
+            return Err(Errno(libc::EINVAL));
+        }
         let obj = iocb as u64;
         let r = self
             .reqs
@@ -1308,6 +1360,11 @@ impl Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
+        if self.forked() {
+            // The queues and their memory are the parent's: leave the device alone. The
+            // controller and DMA mappings skip their teardown in a child as well.
+            return;
+        }
         self.drain();
     }
 }

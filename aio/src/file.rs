@@ -1,7 +1,7 @@
 //! Namespaces opened as AIO file descriptors.
 //!
 //! An iocb names its target by descriptor number. Opening a namespace reserves a real descriptor
-//! from the kernel (an eventfd nobody reads), so the number never collides with the
+//! from the kernel (an empty memfd named after the namespace), so the number never collides with the
 //! application's other files, and records which controller and namespace it stands for.
 //!
 //! Controllers are shared: every namespace of one PCI function goes through one [`Controller`],
@@ -90,22 +90,19 @@ impl OpenError {
 pub fn controller(bdf: &str) -> Result<Arc<Controller>, OpenError> {
     let mut map = CONTROLLERS.lock().unwrap_or_else(|e| e.into_inner());
     let map = map.get_or_insert_with(HashMap::new);
-    let key = normalize_bdf(bdf);
+    // One spelling per controller ("00:04.0", " 0000:00:04.0\n", upper case all name one).
+    let key = nvaio_dma::sysfs::parse_bdf(bdf)
+        .map_err(|e| OpenError::Vfio(nvaio_dma::vfio::OpenError::from(e)))?;
     if let Some(ctrl) = map.get(&key).and_then(Weak::upgrade) {
+        if ctrl.forked() {
+            return Err(nvaio_nvme::ControllerError::Forked { dev: key }.into());
+        }
         return Ok(ctrl);
     }
     let dev = VfioDevice::open(&key)?;
     let ctrl = Controller::new(dev)?;
     map.insert(key, Arc::downgrade(&ctrl));
     Ok(ctrl)
-}
-
-fn normalize_bdf(bdf: &str) -> String {
-    if bdf.matches(':').count() == 1 {
-        format!("0000:{bdf}")
-    } else {
-        bdf.to_string()
-    }
 }
 
 /// Opens namespace `nsid` of the controller at `bdf` with `O_RDONLY`, `O_WRONLY` or `O_RDWR`
@@ -122,8 +119,16 @@ pub fn open_on(ctrl: Arc<Controller>, nsid: u32, access: Access) -> Result<RawFd
         nsid,
         active: ctrl.namespaces().iter().map(|n| n.nsid).collect(),
     })?;
-    // SAFETY: eventfd takes no pointers; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if ctrl.forked() {
+        return Err(nvaio_nvme::ControllerError::Forked { dev: ctrl.device().name().into() }.into());
+    }
+    // The descriptor number is reserved with an empty memfd named after the namespace, so that
+    // /proc/PID/fd says what it is, and a kernel read of it (say, through a dup) finds nothing
+    // rather than blocking.
+    let name = std::ffi::CString::new(format!("nvaio:{}:ns{nsid}", ctrl.device().name()))
+        .unwrap_or_else(|_| c"nvaio".into());
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(OpenError::Descriptor(io::Error::last_os_error()));
     }

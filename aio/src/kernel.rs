@@ -168,3 +168,20 @@ pub fn check_eventfd(fd: i32) -> Result<(), Errno> {
         _ => Err(Errno(libc::EINVAL)),
     }
 }
+
+/// A close-on-exec duplicate of `fd`.
+pub fn dup_cloexec(fd: i32) -> Result<i32, Errno> {
+    // SAFETY: F_DUPFD_CLOEXEC reads no memory; failure is reported.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if d < 0 {
+        Err(Errno(errno()))
+    } else {
+        Ok(d)
+    }
+}
+
+/// Closes a descriptor nvaio owns.
+pub fn close(fd: i32) {
+    // SAFETY: the caller owns `fd` and does not use it again.
+    unsafe { libc::close(fd) };
+}

@@ -9,6 +9,7 @@
 //! may change it at any time, which would break the aliasing rules references promise. Every
 //! access goes through the volatile helpers here.
 
+pub mod fork;
 pub mod iova;
 pub mod mmio;
 pub mod region;

@@ -46,8 +46,8 @@ pub trait DmaMapper: Send + Sync {
     fn unmap(&self, iova: u64, len: usize);
 }
 
-/// Maps `len` bytes of fresh, zeroed, populated anonymous memory (page aligned). The caller owns
-/// the mapping and releases it with `munmap`.
+/// Maps `len` bytes of fresh, zeroed, populated anonymous memory (page aligned), not inherited
+/// by `fork()`. The caller owns the mapping and releases it with `munmap`.
 pub fn map_anonymous(len: usize) -> std::io::Result<NonNull<u8>> {
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
     // existing memory; the result is checked before use.
@@ -64,6 +64,10 @@ pub fn map_anonymous(len: usize) -> std::io::Result<NonNull<u8>> {
     if addr == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
+    // Not inherited by fork(): the pages belong to a device and an event ring of this process
+    // (see `crate::fork`). Failure only loses that protection.
+    // SAFETY: advice on the mapping just made.
+    unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) };
     NonNull::new(addr.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))
 }
 

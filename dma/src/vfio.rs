@@ -160,6 +160,9 @@ struct VfioDmaMapper {
     /// Set once the device is closed: the kernel has then torn down the IOMMU domain with every
     /// mapping in it, so an unmap has nothing left to do and would only fail.
     detached: AtomicBool,
+    /// The fork generation of the process that made the mappings: in a child they are the
+    /// parent's, and unmapping them would pull memory from under the parent's device.
+    fork_gen: u64,
 }
 
 impl VfioDmaMapper {
@@ -199,6 +202,9 @@ impl DmaMapper for VfioDmaMapper {
     }
 
     fn unmap(&self, iova: u64, len: usize) {
+        if crate::fork::forked_since(self.fork_gen) {
+            return;
+        }
         if !self.detached.load(Ordering::Acquire) {
             if let Err(e) = self.container.vfio_dma_unmap(iova, len) {
                 // The IOVA stays allocated: the IOMMU may still translate it, so it must not be
@@ -516,6 +522,9 @@ fn map_bar0(device: &VfioDevice, bdf: &str) -> Result<Mmio, OpenError> {
             io_err(format!("mmap BAR0 of {bdf} ({len} bytes)"))(io::Error::last_os_error()),
         );
     }
+    // A child process must not reach the doorbells (see `crate::fork`). Failure only loses that.
+    // SAFETY: advice on the mapping just made.
+    unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
     let ptr = NonNull::new(ptr.cast::<u8>()).expect("mmap returned a null mapping");
     // SAFETY: `ptr..ptr+len` is the BAR mapping made above; nothing else refers to it, and the
     // Mmio unmaps it on drop.
@@ -554,6 +563,7 @@ impl VfioPci {
             container,
             iova: Mutex::new(allocator),
             detached: AtomicBool::new(false),
+            fork_gen: crate::fork::generation(),
         });
         Ok(VfioPci {
             bdf,
@@ -641,6 +651,11 @@ impl VfioPci {
 
 impl Drop for VfioPci {
     fn drop(&mut self) {
+        if crate::fork::forked_since(self.mapper.fork_gen) {
+            // In a forked child every teardown step below would act on the parent's device
+            // (disable its MSI-X, take its group out of the container): leak instead.
+            return;
+        }
         // The order matters. BAR0 first: its mapping keeps the device file open, and a device
         // still open keeps the group from leaving the container. MSI-X next, while the device
         // is open. Then the device, which takes the group out of the container; the kernel

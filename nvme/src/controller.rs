@@ -116,6 +116,10 @@ const OTHER_LOG_LEN: usize = 64;
 pub enum ControllerError {
     #[error("{dev}: the device no longer responds (registers read all ones)")]
     Gone { dev: String },
+    #[error(
+        "{dev}: this controller was opened before fork(); a child process must open it itself"
+    )]
+    Forked { dev: String },
     #[error("{dev}: the controller reports a fatal status (CSTS.CFS); it needs a reset")]
     Fatal { dev: String },
     #[error("{dev}: timed out after {ms} ms waiting for {what}")]
@@ -353,6 +357,9 @@ pub struct Controller {
     irq: Option<Irq>,
     /// Why `irq` is `None`.
     irq_unavailable: String,
+    /// The fork generation this controller was brought up in (see `nvaio_dma::fork`): in a
+    /// child process it is the parent's, and must not be touched.
+    fork_gen: u64,
 }
 
 impl std::fmt::Debug for Controller {
@@ -442,6 +449,7 @@ impl Controller {
             opts,
             irq: None,
             irq_unavailable: String::new(),
+            fork_gen: nvaio_dma::fork::generation(),
         };
 
         // Identify Controller (step 6).
@@ -608,6 +616,9 @@ impl Controller {
 
     /// Checks CSTS for a device that is gone or fatally failed.
     pub fn health(&self) -> Result<(), ControllerError> {
+        if self.forked() {
+            return Err(ControllerError::Forked { dev: self.dev.name().into() });
+        }
         check_health(&*self.dev)
     }
 
@@ -621,6 +632,9 @@ impl Controller {
         data: Option<&DmaRegion>,
         what: &'static str,
     ) -> Result<Cqe, ControllerError> {
+        if self.forked() {
+            return Err(ControllerError::Forked { dev: self.dev.name().into() });
+        }
         let r = self.admin.command(sqe, data, what);
         self.admin.service();
         r
@@ -631,8 +645,17 @@ impl Controller {
     /// many events were processed. With interrupts the admin reaper thread does this by itself;
     /// without, call it now and then (any admin command does it too).
     pub fn poll_admin(&self) -> usize {
+        if self.forked() {
+            return 0;
+        }
         self.admin.poll();
         self.admin.service()
+    }
+
+    /// Whether this process is a child forked after the controller came up: then it belongs
+    /// to the parent, and every operation on it fails with [`ControllerError::Forked`].
+    pub fn forked(&self) -> bool {
+        nvaio_dma::fork::forked_since(self.fork_gen)
     }
 
     /// Takes the asynchronous events reported since the last call, oldest first.
@@ -781,6 +804,9 @@ impl Controller {
     /// still think the queue exists, and its memory is released anyway only because the
     /// controller is then beyond use (gone, fatal or timing out).
     pub(crate) fn delete_queue_pair(&self, qid: u16) {
+        if self.forked() {
+            return;
+        }
         let ok = self.delete_queue(admin::DELETE_IO_SQ, qid)
             && self.delete_queue(admin::DELETE_IO_CQ, qid);
         // The vector goes back even if deletion failed: were the old CQ still to raise it, the
@@ -825,6 +851,14 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
+        if nvaio_dma::fork::forked_since(self.fork_gen) {
+            // A forked child: the controller and its threads are the parent's (the threads do
+            // not even exist here). Touch nothing, join nothing.
+            if let Some(irq) = self.irq.take() {
+                std::mem::forget(irq);
+            }
+            return;
+        }
         // Threads first: they must not touch the admin queue of a controller shutting down.
         // They hold no reference to the Controller, so this never runs on one of them.
         if let Some(irq) = &self.irq {

@@ -442,3 +442,51 @@ fn many_kernel_requests_in_one_context_all_complete() {
     drop(file);
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn a_forked_child_cannot_use_the_parents_context_and_leaves_it_alone() {
+    let (_emu, ctrl) = controller(EmuConfig::default());
+    let fd = nvaio::open_on(ctrl.clone(), 1, Access::ReadWrite).unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut ctx = Context::setup(8).unwrap();
+    let iocb = Iocb::pread(fd, buf.as_mut_ptr(), 512, 0);
+    assert_eq!(ctx.submit_io(&[&iocb]), Ok(1));
+    let mut ev = [IoEvent::default()];
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
+    // SAFETY: the child runs only the checks below and leaves with _exit, without unwinding
+    // or running the parent's destructors twice.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let mut code = 0;
+        if ctx.submit_io(&[&iocb]) != Err(nvaio::Errno(libc::EINVAL)) {
+            code |= 1;
+        }
+        if ctx.get_events(0, &mut ev, Some(Duration::ZERO)) != Err(nvaio::Errno(libc::EINVAL)) {
+            code |= 2;
+        }
+        if !ctrl.forked() || ctrl.health().is_ok() {
+            code |= 4;
+        }
+        // Dropping in the child must not touch the (parent's) device.
+        drop(ctx);
+        // SAFETY: leaves the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "child saw a usable context (bits: 1 submit, 2 getevents, 4 controller)"
+    );
+    // The parent goes on as before.
+    assert!(!ctrl.forked());
+    assert_eq!(ctx.submit_io(&[&iocb]), Ok(1));
+    assert_eq!(ctx.get_events(1, &mut ev, Some(Duration::from_secs(5))), Ok(1));
+    assert_eq!(ev[0].res, 512);
+    drop(ctx);
+    nvaio::close(fd).unwrap();
+}
