@@ -31,6 +31,16 @@
  * every finished request into the ring without taking an event (with the kernel that call does
  * nothing, and interrupts fill the ring). examples/c/ring_reap.c shows the pattern.
  *
+ * Buffers: the kernel returns an -EFAULT event for a buffer that is unmapped or read-only;
+ * nvaio, a library, cannot check that without touching the memory, so it faults (SIGSEGV) as
+ * a plain memcpy would. Buffers must stay valid until their event is reaped.
+ *
+ * fork(): a child does not inherit nvaio's contexts (as with the kernel's AIO: every call on a
+ * context made before fork() fails with -EINVAL in the child) nor its controllers (opening one
+ * of the parent's namespaces fails; a VFIO device is held by one process). The child's copies
+ * are leaked, never torn down, so nothing it does reaches the parent's device. Descriptors from
+ * nvaio_open must not be closed with close(): use nvaio_close.
+ *
  * Layouts are those of 64-bit little-endian x86 Linux only.
  */
 #ifndef NVAIO_H
@@ -63,8 +73,10 @@ struct timespec;
 /* An AIO context. Its value is the address of the event ring (struct aio_ring). */
 typedef struct io_context *io_context_t;
 
-/* Request types, the values of struct iocb's aio_lio_opcode. nvaio itself serves reads, writes
- * and both syncs on its namespaces; POLL and NOOP exist for the kernel's descriptors. */
+/* Request types, the values of struct iocb's aio_lio_opcode. On its namespaces nvaio serves
+ * reads, writes and both syncs, answers POLL as the kernel does for a block device (at once,
+ * with the asked-for bits of POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM), and refuses NOOP with
+ * -EINVAL, as the kernel does. */
 typedef enum io_iocb_cmd {
 	IO_CMD_PREAD = 0,
 	IO_CMD_PWRITE = 1,
@@ -215,7 +227,8 @@ static inline void io_prep_fdsync(struct iocb *iocb, int fd)
 	nvaio_prep_common_(iocb, fd, IO_CMD_FDSYNC, NULL, 0, 0);
 }
 
-/* Wait for poll events on fd (the kernel's descriptors only; nvaio's refuse it with EINVAL). */
+/* Wait for poll events on fd. On an nvaio namespace it completes at once, as on a block device:
+ * res is the asked-for subset of POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM (-EINVAL if none). */
 static inline void io_prep_poll(struct iocb *iocb, int fd, int events)
 {
 	memset(iocb, 0, sizeof(*iocb));
@@ -251,7 +264,10 @@ int io_destroy(io_context_t ctx);
  * pointer: the rest are not looked at). Fails only if none was queued: -EINVAL (nr < 0, ctx not
  * a live context, bad opcode, reserved field not 0, negative offset, too many iovecs), -EFAULT
  * (ios NULL, or ios[0] NULL or not 8-byte aligned), -EAGAIN (context full), -EBADF (descriptor
- * not open, or open without the access the request needs), -EOPNOTSUPP (unknown aio_rw_flags),
+ * not open, or open without the access the request needs, or its controller was opened by the
+ * parent of this forked process), -EBUSY (the controller has no I/O queue left for this context:
+ * each context takes one queue pair per controller, and other contexts hold them all; waiting
+ * will not help, destroying another context will), -EOPNOTSUPP (unknown aio_rw_flags),
  * or an errno of the kernel's io_submit for a descriptor nvaio hands to the kernel. nr == 0
  * returns 0 (ios is not read). Errors found after queueing come back as events with a negative
  * res.
