@@ -244,6 +244,8 @@ fn phase_wrap(t: &Target) -> CaseResult {
     check!(stats.len() == 1, "{} queues", stats.len());
     check!(stats[0].completed >= 2 * count as u64, "only {} completions", stats[0].completed);
     check!(stats[0].bogus_cids == 0, "{} bogus CIDs", stats[0].bogus_cids);
+    // Batches of 16 on a queue with 7 usable slots: requests had to wait, and were counted.
+    check!(ctx.stats().waits > 0, "no request counted as waiting for a queue slot");
     Ok(())
 }
 
