@@ -76,11 +76,16 @@ ensure_cargo() {
 
 # build_release: the one build everything uses. The static target and flags come from
 # .cargo/config.toml, so these binaries run on the host and in the busybox guest alike, and
-# `cargo test --release` afterwards reuses the compiled dependencies.
+# `cargo test --release` afterwards reuses the compiled dependencies. Libraries are built too (no
+# --bins): the nvaio crate's staticlib, libnvaio.a, is what ci/c-tests links the C examples with.
 build_release() {
   ensure_cargo
-  ci_log "cargo build --release --workspace --bins"
-  (cd "$REPO_ROOT" && cargo build --release --workspace --bins)
+  ci_log "cargo build --release --workspace"
+  (cd "$REPO_ROOT" && cargo build --release --workspace) || return 1
+  [[ -f $RELEASE_DIR/libnvaio.a ]] || {
+    ci_log "error: the build did not produce $RELEASE_DIR/libnvaio.a"
+    return 1
+  }
 }
 
 # The executables of the last release build: regular executable files directly in the release

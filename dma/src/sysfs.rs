@@ -6,7 +6,7 @@
 //! Paths read: `sys/bus/pci/devices/<bdf>/{class,vendor,device,driver,iommu_group,numa_node,
 //! driver_override,nvme/}`, `sys/bus/pci/drivers{,_probe}`, `sys/kernel/iommu_groups/<n>/devices`,
 //! `sys/block/<disk>/{dev,holders,<partition>}`, `proc/self/mountinfo` (or `proc/mounts`),
-//! `proc/swaps` and, to find who holds a VFIO group open, `proc/<pid>/fd`.
+//! `proc/swaps` and, to find who holds a VFIO group or a namespace open, `proc/<pid>/{fd,comm}`.
 
 use std::fs;
 use std::io;
@@ -110,6 +110,11 @@ pub enum BindError {
          dm-crypt): stop that user first"
     )]
     Held { bdf: String, device: String, holder: String },
+    #[error(
+        "{bdf} cannot leave the kernel because {device} is open in process {pid} ({comm}): stop \
+         that process first"
+    )]
+    Open { bdf: String, device: String, pid: u32, comm: String },
     #[error(
         "the vfio-pci driver is not loaded: run modprobe vfio-pci (and boot with intel_iommu=on \
          or amd_iommu=on so there is an IOMMU)"
@@ -457,6 +462,65 @@ fn held_disk(root: &Path, bdf: &str) -> Result<Option<(String, String)>, BindErr
     Ok(None)
 }
 
+/// The controller character devices (`nvme0`) the kernel's nvme driver made for `bdf`.
+fn controller_devices(root: &Path, bdf: &str) -> io::Result<Vec<String>> {
+    let entries = match fs::read_dir(device_dir(root, bdf).join("nvme")) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if digits_after(&name, "nvme").is_some() {
+            out.push(name);
+        }
+    }
+    out.sort_by_key(|n| natural_key(n));
+    Ok(out)
+}
+
+/// The first process (lowest pid) with a descriptor open on one of `targets`, as (target, pid,
+/// command name). Processes whose descriptors cannot be read (gone, or not ours) are skipped.
+fn fd_user(root: &Path, targets: &[PathBuf]) -> Option<(PathBuf, u32, String)> {
+    if targets.is_empty() {
+        return None;
+    }
+    let procs = fs::read_dir(root.join("proc")).ok()?;
+    let mut pids: Vec<u32> = procs
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let dir = root.join("proc").join(pid.to_string());
+        let Ok(fds) = fs::read_dir(dir.join("fd")) else {
+            continue;
+        };
+        let hit = fds
+            .filter_map(|e| e.ok())
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .find(|link| targets.contains(link));
+        if let Some(target) = hit {
+            let comm = read_attr(&dir.join("comm")).ok().flatten().unwrap_or_default();
+            return Some((target, pid, comm));
+        }
+    }
+    None
+}
+
+/// A process that has a block device of the controller (namespace or partition) or its
+/// controller character device open, as (device, pid, command name).
+fn open_device(root: &Path, bdf: &str) -> Result<Option<(String, u32, String)>, BindError> {
+    let dir = device_dir(root, bdf);
+    let mut names = controller_devices(root, bdf).map_err(read_err(&dir))?;
+    names.extend(
+        disks_and_partitions(root, bdf).map_err(read_err(&dir))?.into_iter().map(|d| d.name),
+    );
+    let targets: Vec<PathBuf> = names.iter().map(|n| Path::new("/dev").join(n)).collect();
+    Ok(fd_user(root, &targets).map(|(t, pid, comm)| (t.display().to_string(), pid, comm)))
+}
+
 /// Every NVMe controller on the PCI bus, sorted by address.
 pub fn list_nvme(root: &Path) -> io::Result<Vec<NvmeFunction>> {
     let mut out = Vec::new();
@@ -521,6 +585,13 @@ fn existing_nvme(root: &Path, bdf: &str) -> Result<String, BindError> {
     Ok(bdf)
 }
 
+/// Checks that `bdf` names an existing NVMe controller (PCI class 0x010802) and returns its
+/// normalised address. For callers about to open a controller: a wrong address is then named as
+/// such ([`BindError::NotNvme`], [`BindError::NoDevice`]) instead of as a driver to change.
+pub fn require_nvme(root: &Path, bdf: &str) -> Result<String, BindError> {
+    existing_nvme(root, bdf)
+}
+
 /// What [`bind_vfio`] found before changing anything.
 #[derive(Debug, PartialEq, Eq)]
 enum BindPlan {
@@ -547,6 +618,10 @@ fn bind_checks(root: &Path, bdf: &str) -> Result<BindPlan, BindError> {
     if let Some((device, holder)) = held_disk(root, &bdf)? {
         return Err(BindError::Held { bdf, device, holder });
     }
+    // A process reading the namespace (even `sleep < /dev/nvme0n1`) would lose it mid-way.
+    if let Some((device, pid, comm)) = open_device(root, &bdf)? {
+        return Err(BindError::Open { bdf, device, pid, comm });
+    }
     if !root.join("sys/bus/pci/drivers").join(VFIO_DRIVER).is_dir() {
         return Err(BindError::VfioNotLoaded);
     }
@@ -569,7 +644,8 @@ fn verify_driver(root: &Path, bdf: &str, expected: &'static str) -> Result<(), B
 /// Hands the NVMe controller at `bdf` to vfio-pci, so nvaio can open it.
 ///
 /// Refuses, changing nothing, if a namespace or partition of it is mounted, active swap, or
-/// under device-mapper or md, if vfio-pci is not loaded, or if the device has no IOMMU group.
+/// under device-mapper or md, if a process has one of them or the controller's character device
+/// (`/dev/nvme0`) open, if vfio-pci is not loaded, or if the device has no IOMMU group.
 /// Then detaches it from its driver, sets `driver_override` to vfio-pci, asks the kernel to probe
 /// it, and checks the result; if vfio-pci did not take it, it is offered back to the kernel's
 /// drivers before the error is returned. Succeeds without doing anything if it is already on
@@ -599,23 +675,7 @@ pub fn bind_vfio(root: &Path, bdf: &str) -> Result<(), BindError> {
 /// A process that has `/dev/vfio/<group>` open, as (pid, command name).
 fn vfio_group_user(root: &Path, group: u32) -> Option<(u32, String)> {
     let target = PathBuf::from(format!("/dev/vfio/{group}"));
-    let procs = fs::read_dir(root.join("proc")).ok()?;
-    for p in procs.filter_map(|e| e.ok()) {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        let holds = fds
-            .filter_map(|e| e.ok())
-            .any(|fd| fs::read_link(fd.path()).ok() == Some(target.clone()));
-        if holds {
-            let comm = read_attr(&p.path().join("comm")).ok().flatten().unwrap_or_default();
-            return Some((pid, comm));
-        }
-    }
-    None
+    fd_user(root, &[target]).map(|(_, pid, comm)| (pid, comm))
 }
 
 /// The checks of [`unbind_vfio`]: returns the normalised address, and whether it is on
@@ -675,6 +735,11 @@ pub mod host {
     /// [`super::unbind_vfio`] on this system.
     pub fn unbind_vfio(bdf: &str) -> Result<(), BindError> {
         super::unbind_vfio(Path::new(ROOT), bdf)
+    }
+
+    /// [`super::require_nvme`] on this system.
+    pub fn require_nvme(bdf: &str) -> Result<String, BindError> {
+        super::require_nvme(Path::new(ROOT), bdf)
     }
 
     /// [`super::mounted_namespaces`] on this system.
@@ -972,6 +1037,43 @@ mod tests {
     }
 
     #[test]
+    fn bind_refuses_open_namespaces_partitions_and_controller() {
+        let r = two_controllers();
+        r.mkdir("sys/bus/pci/drivers/vfio-pci");
+        // Unrelated descriptors, a process without readable fds, and a non-pid entry.
+        r.link("proc/1/fd/0", "/dev/null");
+        r.link("proc/1/fd/1", "/dev/nvme1n1");
+        r.link("proc/1/fd/2", "/dev/nvme0n10");
+        r.file("proc/1/comm", "init\n");
+        r.mkdir("proc/2");
+        r.link("proc/self/fd/0", "/dev/nvme0n1");
+        for (dev, pid, comm) in [
+            ("/dev/nvme0n2", 700, "sleep"),
+            ("/dev/nvme0n1p2", 81, "dd"),
+            ("/dev/nvme0", 9, "nvme"),
+        ] {
+            r.link(&format!("proc/{pid}/fd/3"), "/dev/pts/0");
+            r.link(&format!("proc/{pid}/fd/4"), dev);
+            r.file(&format!("proc/{pid}/comm"), &format!("{comm}\n"));
+            let e = bind_vfio(r.path(), BDF).unwrap_err();
+            assert!(
+                matches!(&e, BindError::Open { device, pid: p, comm: c, .. }
+                if device == dev && *p == pid && c == comm),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(msg.contains(dev) && msg.contains(&pid.to_string()) && msg.contains(comm));
+            fs::remove_dir_all(r.path().join(format!("proc/{pid}"))).unwrap();
+        }
+        // Nothing was written.
+        assert_eq!(r.read("sys/bus/pci/drivers/nvme/unbind"), "");
+        assert_eq!(r.read("sys/bus/pci/drivers_probe"), "");
+        // Without those, the checks pass.
+        fs::remove_file(r.path().join("proc/self/fd/0")).unwrap();
+        assert!(matches!(bind_checks(r.path(), BDF), Ok(BindPlan::Rebind { .. })));
+    }
+
+    #[test]
     fn bind_checks_address_class_and_vfio_presence() {
         let r = two_controllers();
         assert!(matches!(bind_vfio(r.path(), "00:04"), Err(BindError::BadAddress(_))));
@@ -991,6 +1093,17 @@ mod tests {
         let e = bind_vfio(r.path(), BDF).unwrap_err();
         assert!(matches!(e, BindError::VfioNotLoaded));
         assert!(e.to_string().contains("modprobe vfio-pci"));
+    }
+
+    #[test]
+    fn require_nvme_names_the_class() {
+        let r = two_controllers();
+        assert_eq!(require_nvme(r.path(), "00:04.0").unwrap(), BDF);
+        let e = require_nvme(r.path(), "00:02.0").unwrap_err();
+        assert!(matches!(e, BindError::NotNvme { class: 0x03_0000, .. }), "{e:?}");
+        assert!(e.to_string().contains("is not an NVMe controller"), "{e}");
+        let e = require_nvme(r.path(), "00:1f.0").unwrap_err();
+        assert!(matches!(e, BindError::NoDevice { .. }), "{e:?}");
     }
 
     #[test]

@@ -121,8 +121,11 @@ pub struct Written {
 ///
 /// The input must be whole blocks unless `pad` is set, in which case the last partial block is
 /// completed with zeros. `len` is the input's size when known up front (a regular file): the
-/// range and the block multiple are then checked before anything is written; otherwise they are
-/// checked chunk by chunk, and an error can come after earlier chunks were written.
+/// range and the block multiple are then checked before anything is written. Otherwise (a pipe,
+/// a device) they are checked chunk by chunk: an input longer than the rest of the namespace is
+/// written up to the namespace's last block, flushed, and then reported as an error that says
+/// how much was written; any other error after earlier chunks were written also flushes those
+/// first and says so.
 pub fn write(
     t: &Target,
     lba: u64,
@@ -132,54 +135,128 @@ pub fn write(
     pad: bool,
 ) -> Result<Written> {
     let bs = t.block_size();
-    if let Some(len) = len {
-        if len == 0 {
-            return Err(Error::msg(format!("{name} is empty: nothing to write")));
+    match len {
+        Some(len) => {
+            if len == 0 {
+                return Err(Error::msg(format!("{name} is empty: nothing to write")));
+            }
+            if !len.is_multiple_of(bs) && !pad {
+                return Err(not_whole_blocks(name, len, bs));
+            }
+            check_range(t, lba, len.div_ceil(bs))?;
         }
-        if !len.is_multiple_of(bs) && !pad {
-            return Err(not_whole_blocks(name, len, bs));
-        }
-        check_range(t, lba, len.div_ceil(bs))?;
+        // At least the first block must be inside, whatever the input's length.
+        None => check_range(t, lba, 1)?,
     }
     let per = chunk_blocks(bs);
     // Declared before the context so it is dropped after it (see `read`).
     let mut buf = AlignedBuf::new((per * bs) as usize, 4096)?;
     let mut ctx = Context::setup(1).map_err(|e| Error::msg(format!("io_setup: {e}")))?;
-    let mut input_bytes = 0u64;
-    let mut blocks_done = 0u64;
+    let mut w = Written { input_bytes: 0, blocks: 0 };
+    let outcome = write_chunks(t, lba, input, name, pad, &mut buf, &mut ctx, &mut w);
+    if w.blocks == 0 {
+        // Nothing reached the namespace: no flush needed.
+        outcome?;
+        return Err(Error::msg(format!("{name} is empty: nothing to write")));
+    }
+    // Make the data durable: without this it may sit in a volatile write cache. Done whatever
+    // stopped the loop, so what was written is never left unflushed.
+    let flush = transfer(&mut ctx, &Iocb::fsync(t.fd), 0, "flush", lba, w.blocks);
+    let blocks = plural(w.blocks, "block");
+    match (outcome, flush) {
+        (Ok(Fit::All), Ok(())) => {
+            ctx.destroy();
+            Ok(w)
+        }
+        (Ok(Fit::All), Err(f)) => Err(f),
+        (Ok(Fit::TooLong), flushed) => Err(Error::msg(format!(
+            "{name} is longer than namespace {nsid}: wrote its first {bytes} bytes ({blocks}, LBA \
+             {lba} to {last}, the namespace's end){how}; the rest of {name} was not written",
+            nsid = t.ns.nsid,
+            bytes = w.blocks * bs,
+            last = lba + w.blocks - 1,
+            how = match flushed {
+                Ok(()) => " and flushed them".to_string(),
+                Err(f) => format!(", but then {f}"),
+            },
+        ))),
+        (Err(e), flushed) => Err(Error::msg(format!(
+            "{e} ({blocks} from LBA {lba} were written before that{how})",
+            how = match flushed {
+                Ok(()) => ", and flushed".to_string(),
+                Err(f) => format!("; then {f}"),
+            },
+        ))),
+    }
+}
+
+/// Whether the input fitted in the namespace.
+enum Fit {
+    All,
+    /// The namespace ended before the input: written up to its last block.
+    TooLong,
+}
+
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// The loop of [`write`]: fills the buffer from `input` and writes it, chunk after chunk, counting
+/// into `w` what reached the namespace. Stops at the end of the input, or at the end of the
+/// namespace (writing as much as fits first).
+#[allow(clippy::too_many_arguments)]
+fn write_chunks(
+    t: &Target,
+    lba: u64,
+    input: &mut dyn Read,
+    name: &str,
+    pad: bool,
+    buf: &mut AlignedBuf,
+    ctx: &mut Context,
+    w: &mut Written,
+) -> Result<Fit> {
+    let bs = t.block_size();
+    let chunk = buf.as_slice().len();
+    let mut read_total = 0u64;
     loop {
         let n = fill(input, buf.as_mut_slice()).with_context(|| format!("cannot read {name}"))?;
         if n == 0 {
-            break;
+            return Ok(Fit::All);
         }
-        input_bytes += n as u64;
+        read_total += n as u64;
+        let at = lba + w.blocks;
+        // Checked before the block multiple: a pipe longer than the namespace is "too long"
+        // whether or not its last piece is a whole block.
+        let room = t.ns.blocks.saturating_sub(at);
         let mut len = n as u64;
+        if len.div_ceil(bs) > room {
+            if room > 0 {
+                let fit = room * bs;
+                let iocb = Iocb::pwrite(t.fd, buf.ptr(), fit as usize, (at * bs) as i64);
+                transfer(ctx, &iocb, fit, "write", at, room)?;
+                w.blocks += room;
+                w.input_bytes += fit;
+            }
+            return Ok(Fit::TooLong);
+        }
         if !len.is_multiple_of(bs) {
             if !pad {
-                return Err(not_whole_blocks(name, input_bytes, bs));
+                return Err(not_whole_blocks(name, read_total, bs));
             }
             let padded = len.next_multiple_of(bs);
             buf.as_mut_slice()[n..padded as usize].fill(0);
             len = padded;
         }
         let blocks = len / bs;
-        let at = lba + blocks_done;
-        check_range(t, at, blocks)?;
         let iocb = Iocb::pwrite(t.fd, buf.ptr(), len as usize, (at * bs) as i64);
-        transfer(&mut ctx, &iocb, len, "write", at, blocks)?;
-        blocks_done += blocks;
-        if (n as u64) < per * bs {
+        transfer(ctx, &iocb, len, "write", at, blocks)?;
+        w.blocks += blocks;
+        w.input_bytes += n as u64;
+        if n < chunk {
             // A short fill means the input ended (fill only stops early at end of input).
-            break;
+            return Ok(Fit::All);
         }
     }
-    if blocks_done == 0 {
-        return Err(Error::msg(format!("{name} is empty: nothing to write")));
-    }
-    // Make the data durable: without this it may sit in a volatile write cache.
-    transfer(&mut ctx, &Iocb::fsync(t.fd), 0, "flush", lba, blocks_done)?;
-    ctx.destroy();
-    Ok(Written { input_bytes, blocks: blocks_done })
 }
 
 #[cfg(test)]
@@ -247,6 +324,62 @@ mod tests {
         let end = t.ns.blocks - 1;
         let e = write(&t, end, &mut &data[..], "in", Some(700), true).unwrap_err().to_string();
         assert!(e.contains("runs past the end"), "{e}");
+    }
+
+    #[test]
+    fn unknown_length_input_longer_than_the_namespace() {
+        use nvaio_nvme::spec::cmd::nvm;
+        let (emu, ctrl) = testdev::controller(testdev::config());
+        let t = Target::on(ctrl, "emu", 1, Access::ReadWrite).unwrap();
+        let blocks = t.ns.blocks;
+        // 3000 blocks before the end: not a multiple of the chunk, so the last request is cut.
+        let lba = blocks - 3000;
+        emu.namespace_write(1, (lba - 1) * 512, &[0x11; 512]);
+        let flushes = emu.stats().io(nvm::FLUSH);
+        let e = write(&t, lba, &mut io::repeat(0xab), "/dev/zero", None, false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "/dev/zero is longer than namespace 1: wrote its first {} bytes (3000 blocks, \
+                 LBA {lba} to {}, the namespace's end) and flushed them; the rest of /dev/zero \
+                 was not written",
+                3000 * 512,
+                blocks - 1
+            )
+        );
+        assert_eq!(emu.stats().io(nvm::FLUSH), flushes + 1, "what was written is flushed");
+        assert!(emu.namespace_read(1, lba * 512, 3000 * 512).iter().all(|&b| b == 0xab));
+        assert_eq!(emu.namespace_read(1, (lba - 1) * 512, 512), vec![0x11; 512]);
+
+        // Exactly as long as the rest of the namespace (a whole number of chunks): no error.
+        let lba = blocks - 2 * chunk_blocks(512);
+        let data = pattern((blocks - lba) as usize * 512, 5);
+        let w = write(&t, lba, &mut &data[..], "stdin", None, false).unwrap();
+        assert_eq!(w, Written { input_bytes: data.len() as u64, blocks: blocks - lba });
+        assert_eq!(emu.namespace_read(1, lba * 512, data.len()), data);
+        // One block more than fits, unpadded and partial: still "longer", the fitting part written.
+        let mut more = data.clone();
+        more.extend_from_slice(&[1; 100]);
+        let e = write(&t, lba, &mut &more[..], "stdin", None, false).unwrap_err().to_string();
+        assert!(e.starts_with("stdin is longer than namespace 1"), "{e}");
+        // Starting on the last block, and past it.
+        let e = write(&t, blocks - 1, &mut io::repeat(0), "p", None, false).unwrap_err();
+        assert!(e.to_string().contains("wrote its first 512 bytes (1 block,"), "{e}");
+        let e = write(&t, blocks, &mut io::repeat(0), "p", None, false).unwrap_err().to_string();
+        assert!(e.contains("runs past the end"), "{e}");
+
+        // Another error after earlier chunks were written: those are flushed, and it says so.
+        let flushes = emu.stats().io(nvm::FLUSH);
+        let odd = pattern(CHUNK as usize + 700, 1);
+        let e = write(&t, 0, &mut &odd[..], "stdin", None, false).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("stdin is {} bytes", odd.len())), "{e}");
+        assert!(
+            e.ends_with("(2048 blocks from LBA 0 were written before that, and flushed)"),
+            "{e}"
+        );
+        assert_eq!(emu.stats().io(nvm::FLUSH), flushes + 1);
     }
 
     #[test]

@@ -70,7 +70,8 @@ enum Command {
     /// Hand a controller to vfio-pci so nvaio can use it
     ///
     /// Refused, changing nothing, while any of its namespaces or partitions is mounted, active
-    /// swap, or used by LVM, RAID or dm-crypt; the message names the device and mount point.
+    /// swap, used by LVM, RAID or dm-crypt, or open in a process (as is the controller's
+    /// /dev/nvmeN); the message names the device and the mount point or process.
     Bind {
         /// PCI address, like 0000:01:00.0 or 01:00.0
         addr: String,
@@ -101,6 +102,11 @@ enum Command {
     /// Read blocks from a namespace to a file or stdout
     Read(ReadArgs),
     /// Write a file to a namespace, then flush the write cache
+    ///
+    /// A regular file that does not fit from --lba to the namespace's end is refused before
+    /// anything is written. Other input (stdin, a pipe, a device) is written until it ends; if
+    /// the namespace ends first, everything up to its last block is written and flushed, and
+    /// the command fails saying how many bytes were written.
     Write(WriteArgs),
     /// Measure IOPS, bandwidth, latency and CPU cost at a fixed queue depth
     ///

@@ -1,10 +1,12 @@
 //! Opening a namespace for I/O, and the buffers I/O goes through.
 
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nvaio::{Access, IoEvent};
+use nvaio_dma::sysfs;
 use nvaio_nvme::{Controller, Namespace};
 
 use crate::error::{Error, Result};
@@ -16,9 +18,21 @@ pub const EVENT_WAIT: Duration = Duration::from_secs(45);
 
 /// Brings up the controller at `addr` through VFIO.
 pub fn controller(addr: &str) -> Result<(String, Arc<Controller>)> {
-    let bdf = nvaio_dma::sysfs::parse_bdf(addr)?;
+    let bdf = nvme_address(Path::new("/"), addr)?;
     let ctrl = nvaio::file::controller(&bdf)?;
     Ok((bdf, ctrl))
+}
+
+/// The normalised address of `addr`, refused when sysfs under `root` says that PCI function is
+/// not an NVMe controller: opening it would otherwise fail with advice to bind it to vfio-pci,
+/// which `nvaio bind` then refuses. Other problems (no such device, unreadable sysfs) are left
+/// to the open, which names them.
+fn nvme_address(root: &Path, addr: &str) -> Result<String> {
+    let bdf = sysfs::parse_bdf(addr)?;
+    match sysfs::require_nvme(root, &bdf) {
+        Err(e @ sysfs::BindError::NotNvme { .. }) => Err(e.into()),
+        _ => Ok(bdf),
+    }
 }
 
 /// An open namespace: an nvaio descriptor, closed on drop.
@@ -138,6 +152,26 @@ mod tests {
             assert_eq!(b.as_slice()[999], 7);
         }
         assert!(AlignedBuf::new(usize::MAX, 4096).is_err());
+    }
+
+    #[test]
+    fn only_nvme_functions_are_opened() {
+        let root = std::env::temp_dir().join(format!("nvaio-tools-class-{}", std::process::id()));
+        let dev = |bdf: &str, class: &str| {
+            let d = root.join("sys/bus/pci/devices").join(bdf);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("class"), class).unwrap();
+        };
+        dev("0000:00:1f.0", "0x060100\n");
+        dev("0000:00:10.0", "0x010802\n");
+        let e = nvme_address(&root, "00:1f.0").unwrap_err().to_string();
+        assert!(e.starts_with("0000:00:1f.0 is not an NVMe controller"), "{e}");
+        assert!(e.contains("0x060100") && !e.contains("nvaio bind"), "{e}");
+        assert_eq!(nvme_address(&root, "00:10.0").unwrap(), "0000:00:10.0");
+        // Absent: left to the open, which says there is no such device.
+        assert_eq!(nvme_address(&root, "00:11.0").unwrap(), "0000:00:11.0");
+        assert!(nvme_address(&root, "zz").is_err());
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
