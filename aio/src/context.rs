@@ -1585,6 +1585,13 @@ fn copy_segments(
     }
 }
 
+// A context moves between threads (the C ABI keeps contexts in a shared registry); it is never
+// used by two at once.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Context>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1601,10 +1608,3 @@ mod tests {
         assert_eq!(t, vec![(1000, 10), (5000, 5)]);
     }
 }
-
-// A context moves between threads (the C ABI keeps contexts in a shared registry); it is never
-// used by two at once.
-const _: () = {
-    const fn assert_send<T: Send>() {}
-    assert_send::<Context>();
-};

@@ -67,6 +67,8 @@ pub enum OpenError {
     Controller(#[from] nvaio_nvme::ControllerError),
     #[error("{dev} has no usable namespace {nsid} (active and usable: {active:?})")]
     NoNamespace { dev: String, nsid: u32, active: Vec<u32> },
+    #[error("{0}")]
+    NotNvme(String),
     #[error("invalid open flags {0:#x}: the access mode must be O_RDONLY, O_WRONLY or O_RDWR")]
     Flags(i32),
     #[error("cannot reserve a descriptor: {0}")]
@@ -77,7 +79,7 @@ impl OpenError {
     /// The errno a C caller sees.
     pub fn errno(&self) -> i32 {
         match self {
-            OpenError::Vfio(_) => libc::ENODEV,
+            OpenError::Vfio(_) | OpenError::NotNvme(_) => libc::ENODEV,
             OpenError::Controller(_) => libc::EIO,
             OpenError::NoNamespace { .. } => libc::ENXIO,
             OpenError::Flags(_) => libc::EINVAL,
@@ -98,6 +100,10 @@ pub fn controller(bdf: &str) -> Result<Arc<Controller>, OpenError> {
             return Err(nvaio_nvme::ControllerError::Forked { dev: key }.into());
         }
         return Ok(ctrl);
+    }
+    // Something that is not an NVMe controller is said to be so, not advised to be bound.
+    if let Err(e) = nvaio_dma::sysfs::host::require_nvme(&key) {
+        return Err(OpenError::NotNvme(e.to_string()));
     }
     let dev = VfioDevice::open(&key)?;
     let ctrl = Controller::new(dev)?;

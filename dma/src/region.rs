@@ -284,6 +284,21 @@ pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     }
 }
 
+impl Drop for DmaRegion {
+    fn drop(&mut self) {
+        // Unmap from the IOMMU first: after this the device cannot reach the pages.
+        self.mapper.unmap(self.iova, self.len);
+        // SAFETY: our own mapping, no longer reachable by the device or by any other owner.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+impl std::fmt::Debug for DmaRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaRegion").field("iova", &self.iova).field("len", &self.len).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::volatile_copy;
@@ -303,20 +318,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-impl Drop for DmaRegion {
-    fn drop(&mut self) {
-        // Unmap from the IOMMU first: after this the device cannot reach the pages.
-        self.mapper.unmap(self.iova, self.len);
-        // SAFETY: our own mapping, no longer reachable by the device or by any other owner.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-impl std::fmt::Debug for DmaRegion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaRegion").field("iova", &self.iova).field("len", &self.len).finish()
     }
 }
