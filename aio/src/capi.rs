@@ -752,18 +752,9 @@ pub unsafe extern "C" fn nvaio_register_buffer(
     buf: *mut c_void,
     len: usize,
 ) -> c_int {
-    guarded(|| {
-        let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
-        let mut guard = match lock(&slot) {
-            Ok(g) => g,
-            Err(e) => return neg(e),
-        };
-        let Some(context) = guard.as_mut() else { return -libc::EINVAL };
+    with_context(ctx, |context| {
         // SAFETY: the caller's promise above is register_buffer's contract.
-        match unsafe { context.register_buffer(buf.cast(), len) } {
-            Ok(()) => 0,
-            Err(e) => neg(e),
-        }
+        unsafe { context.register_buffer(buf.cast(), len) }
     })
 }
 
@@ -772,6 +763,12 @@ pub unsafe extern "C" fn nvaio_register_buffer(
 /// flight on the context), -EIO after a panic inside nvaio.
 #[no_mangle]
 pub extern "C" fn nvaio_unregister_buffer(ctx: IoContextT, buf: *mut c_void) -> c_int {
+    with_context(ctx, |context| context.unregister_buffer(buf.cast()))
+}
+
+/// Runs `f` on the live context `ctx` under its lock: 0 for `Ok`, the negative errno
+/// otherwise; -EINVAL if `ctx` is not a live context, -EIO after a panic.
+fn with_context(ctx: IoContextT, f: impl FnOnce(&mut Context) -> Result<(), Errno>) -> c_int {
     guarded(|| {
         let Some(slot) = lookup(ctx as u64) else { return -libc::EINVAL };
         let mut guard = match lock(&slot) {
@@ -779,7 +776,7 @@ pub extern "C" fn nvaio_unregister_buffer(ctx: IoContextT, buf: *mut c_void) -> 
             Err(e) => return neg(e),
         };
         let Some(context) = guard.as_mut() else { return -libc::EINVAL };
-        match context.unregister_buffer(buf.cast()) {
+        match f(context) {
             Ok(()) => 0,
             Err(e) => neg(e),
         }
