@@ -14,6 +14,13 @@
 //! with -ETIMEDOUT; the commands it left with the device keep their slots and bounce pages until
 //! the device answers, so a late answer can neither complete another command nor write into
 //! memory that was reused. A controller found gone or fatally failed fails all its I/O with -EIO.
+//!
+//! Data moves through the queue's bounce pages, or straight to and from the application's memory
+//! when it lies in a buffer registered with [`Context::register_buffer`]. Iocbs on descriptors
+//! nvaio does not own go to a kernel AIO context (`crate::kernel`) and come back through the same
+//! ring. How a waiting `get_events` learns of completions is the context's [`CompletionMode`]:
+//! spinning on the completion queues, or sleeping on their MSI-X notifiers (`crate::wait`), the
+//! waiting thread itself reaping when it wakes.
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
