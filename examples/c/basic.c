@@ -24,36 +24,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "example.h"
+
 #define LEN (64 * 1024)
 #define OFFSET (1024 * 1024)
-
-static void fail(const char *what, const char *detail)
-{
-	printf("FAIL %s: %s\n", what, detail);
-	exit(1);
-}
 
 static void fail_errno(const char *what, int neg_errno)
 {
 	fail(what, strerror(-neg_errno));
-}
-
-/* The device address: argv[1], else $NVAIO_DEV0_ADDR, else the first of $NVAIO_DEVICES. */
-static const char *device_address(int argc, char **argv)
-{
-	static char first[64];
-	const char *s;
-
-	if (argc > 1)
-		return argv[1];
-	s = getenv("NVAIO_DEV0_ADDR");
-	if (s && *s)
-		return s;
-	s = getenv("NVAIO_DEVICES");
-	if (s && sscanf(s, "%63s", first) == 1)
-		return first;
-	fail("setup", "no device: pass a PCI address or set NVAIO_DEVICES");
-	return NULL;
 }
 
 /* Submit one iocb and wait for its event; checks that the event is this iocb's. */

@@ -26,32 +26,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "example.h"
+
 #define LEN (16 * 1024)
 #define NS_OFFSET (8 * 1024 * 1024)
 #define FILE_OFFSET 4096
-
-static void fail(const char *what, const char *detail)
-{
-	printf("FAIL %s: %s\n", what, detail);
-	exit(1);
-}
-
-static const char *device_address(int argc, char **argv)
-{
-	static char first[64];
-	const char *s;
-
-	if (argc > 1)
-		return argv[1];
-	s = getenv("NVAIO_DEV0_ADDR");
-	if (s && *s)
-		return s;
-	s = getenv("NVAIO_DEVICES");
-	if (s && sscanf(s, "%63s", first) == 1)
-		return first;
-	fail("setup", "no device: pass a PCI address or set NVAIO_DEVICES");
-	return NULL;
-}
 
 /* Submits both iocbs in one io_submit and waits for both events with one io_getevents call;
  * checks each event against its iocb. */

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "example.h"
+
 #define NREQ 64
 #define BLOCK 4096
 #define OFFSET (4 * 1024 * 1024)
@@ -48,29 +50,6 @@ struct aio_ring {
 	unsigned header_length; /* the events start this far into the ring */
 	struct io_event io_events[];
 };
-
-static void fail(const char *what, const char *detail)
-{
-	printf("FAIL %s: %s\n", what, detail);
-	exit(1);
-}
-
-static const char *device_address(int argc, char **argv)
-{
-	static char first[64];
-	const char *s;
-
-	if (argc > 1)
-		return argv[1];
-	s = getenv("NVAIO_DEV0_ADDR");
-	if (s && *s)
-		return s;
-	s = getenv("NVAIO_DEVICES");
-	if (s && sscanf(s, "%63s", first) == 1)
-		return first;
-	fail("setup", "no device: pass a PCI address or set NVAIO_DEVICES");
-	return NULL;
-}
 
 static double now(void)
 {

@@ -25,6 +25,27 @@ pub struct Target {
     pub expect_serial: Option<String>,
 }
 
+impl Target {
+    /// A target with nothing known in advance about the controller.
+    pub fn new(ctrl: Arc<Controller>) -> Target {
+        Target {
+            ctrl,
+            expect_lba: None,
+            expect_namespaces: None,
+            expect_size: None,
+            expect_serial: None,
+        }
+    }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+pub fn readable(fd: RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    r == 1 && pfd.revents & libc::POLLIN != 0
+}
+
 pub struct Case {
     pub name: &'static str,
     pub run: fn(&Target) -> CaseResult,
@@ -84,7 +105,7 @@ impl Buf {
 }
 
 /// Deterministic bytes for (seed, position), so any block tells where it came from.
-fn pattern(buf: &mut [u8], seed: u64) {
+pub fn pattern(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     for chunk in buf.chunks_mut(8) {
         x ^= x << 13;
@@ -113,7 +134,8 @@ fn run_one(ctx: &mut Context, iocb: &Iocb) -> Result<IoEvent, String> {
     wait_events(ctx, 1).map(|v| v[0])
 }
 
-fn wait_events(ctx: &mut Context, n: usize) -> Result<Vec<IoEvent>, String> {
+/// Waits (60 s at most, 5 s per io_getevents) for `n` events.
+pub fn wait_events(ctx: &mut Context, n: usize) -> Result<Vec<IoEvent>, String> {
     let mut out = vec![IoEvent::default(); n];
     let mut got = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -126,7 +148,8 @@ fn wait_events(ctx: &mut Context, n: usize) -> Result<Vec<IoEvent>, String> {
     Ok(out)
 }
 
-fn block_size(t: &Target, nsid: u32) -> Result<u32, String> {
+/// The block size of namespace `nsid`.
+pub fn block_size(t: &Target, nsid: u32) -> Result<u32, String> {
     t.ctrl.namespace(nsid).map(|n| n.block_size).ok_or(format!("no namespace {nsid}"))
 }
 

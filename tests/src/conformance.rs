@@ -23,6 +23,7 @@
 //! the Rust API run marks them `n/a` and the C ABI run compares them. A case any of whose steps
 //! no nvaio backend could express would count as `not compared`, neither passed nor failed.
 
+use crate::cases::pattern;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::os::fd::RawFd;
@@ -2460,17 +2461,6 @@ fn fnv(bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-}
-
-fn pattern(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 //! In the guest they learn the device's `msix_qsize` from `NVAIO_DEV<i>_MSIX` (ci/qemu-run sets
 //! it), matching the controller by `NVAIO_DEV<i>_ADDR`.
 
-use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use nvaio_dma::DmaRegion;
@@ -15,6 +14,7 @@ use nvaio_nvme::spec::cmd::{admin, nvm};
 use nvaio_nvme::spec::{Cqe, Sqe};
 use nvaio_nvme::QueuePair;
 
+use crate::cases::{block_size, readable};
 use crate::cases::{Case, CaseResult, Target};
 
 /// Every case, in the order they run.
@@ -55,14 +55,6 @@ fn guest_env(t: &Target, key: &str) -> Option<String> {
     })
 }
 
-/// Whether `fd` becomes readable within `ms` milliseconds.
-fn readable(fd: RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    r == 1 && pfd.revents & libc::POLLIN != 0
-}
-
 /// A one-command read or write of `blocks` blocks at `lba` of namespace 1, data in `buf`.
 fn rw_sqe(opcode: u8, buf: &DmaRegion, lba: u64, blocks: u16) -> Sqe {
     let mut sqe = Sqe::new(opcode, 1);
@@ -75,7 +67,7 @@ fn rw_sqe(opcode: u8, buf: &DmaRegion, lba: u64, blocks: u16) -> Sqe {
 
 /// Reaps one completion the way an interrupt-mode waiter does: drain, poll, then sleep on the
 /// notifier. Counts the sleeps in `sleeps`.
-fn wait_one(
+pub fn wait_one(
     qp: &mut QueuePair,
     n: &Notifier,
     limit: Duration,
@@ -110,10 +102,6 @@ fn run_cmd(qp: &mut QueuePair, n: &Notifier, mut sqe: Sqe, sleeps: &mut u32) -> 
     Ok(())
 }
 
-fn block_size(t: &Target) -> Result<usize, String> {
-    Ok(t.ctrl.namespace(1).ok_or("no namespace 1")?.block_size as usize)
-}
-
 fn vectors_enabled(t: &Target) -> CaseResult {
     let vectors = usize::from(t.ctrl.interrupt_vectors());
     check!(vectors >= 1, "no MSI-X vectors enabled");
@@ -132,7 +120,7 @@ fn vectors_enabled(t: &Target) -> CaseResult {
 /// and reads back a block on each, waiting only through notifiers. With msix_qsize below the
 /// queue count this runs queues on shared vectors and their relays.
 fn every_queue(t: &Target) -> CaseResult {
-    let bs = block_size(t)?;
+    let bs = block_size(t, 1)? as usize;
     let count = usize::from(t.ctrl.io_queues_granted()).min(16);
     let mut queues = Vec::new();
     for _ in 0..count {
@@ -171,7 +159,7 @@ fn every_queue(t: &Target) -> CaseResult {
 /// QD1 reads that always sleep before looking: every completion must arrive by interrupt, and
 /// the waiting costs far less CPU than the wall time it takes.
 fn sleeping_waiter(t: &Target) -> CaseResult {
-    let bs = block_size(t)?;
+    let bs = block_size(t, 1)? as usize;
     let (mut qp, n) = t.ctrl.create_queue_pair_irq(16).map_err(|e| e.to_string())?;
     let mapper = t.ctrl.device().dma_mapper();
     let buf = DmaRegion::alloc(mapper, 4096).map_err(|e| e.to_string())?;

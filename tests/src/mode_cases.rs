@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nvaio::wait::CompletionMode;
 use nvaio::{Access, Context, ContextOptions, IoEvent, Iocb};
 
-use crate::cases::run_cases;
+use crate::cases::{block_size, readable, run_cases, wait_events};
 use crate::cases::{Case, CaseResult, Target};
 use crate::irq_cases::thread_cpu;
 
@@ -114,24 +114,6 @@ fn context(mode: CompletionMode, nr: u32) -> Result<Context, String> {
     Context::with_options(nr, opts).map_err(|e| format!("io_setup ({mode}): {e}"))
 }
 
-fn block_size(t: &Target) -> Result<usize, String> {
-    Ok(t.ctrl.namespace(1).ok_or("no namespace 1")?.block_size as usize)
-}
-
-/// Waits (60 s at most) for `n` events.
-fn wait_events(ctx: &mut Context, n: usize) -> Result<Vec<IoEvent>, String> {
-    let mut out = vec![IoEvent::default(); n];
-    let mut got = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got < n {
-        got += ctx
-            .get_events(1, &mut out[got..], Some(Duration::from_secs(5)))
-            .map_err(|e| format!("io_getevents: {e}"))?;
-        check!(Instant::now() < deadline, "only {got} of {n} events within 60 s");
-    }
-    Ok(out)
-}
-
 fn submit_all(ctx: &mut Context, iocbs: &[Iocb]) -> Result<(), String> {
     let refs: Vec<&Iocb> = iocbs.iter().collect();
     let n = ctx.submit_io(&refs).map_err(|e| format!("io_submit: {e}"))?;
@@ -141,7 +123,7 @@ fn submit_all(ctx: &mut Context, iocbs: &[Iocb]) -> Result<(), String> {
 
 /// Writes then reads back single requests of several sizes, then 32 at once.
 fn write_read(t: &Target, mode: CompletionMode) -> CaseResult {
-    let bs = block_size(t)?;
+    let bs = block_size(t, 1)? as usize;
     let mdts = t.ctrl.max_transfer();
     let fd = Fd::open(t)?;
     let mut ctx = context(mode, 64)?;
@@ -280,14 +262,6 @@ fn resfd(t: &Target, mode: CompletionMode) -> CaseResult {
     result
 }
 
-/// Whether `fd` becomes readable within `ms` milliseconds.
-fn readable(fd: RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    r == 1 && pfd.revents & libc::POLLIN != 0
-}
-
 fn no_notification_fd(_t: &Target) -> CaseResult {
     let ctx = context(Polled, 8)?;
     check!(ctx.notification_fd().is_none(), "a polled context has a notification fd");
@@ -400,7 +374,7 @@ fn threads(t: &Target, mode: CompletionMode) -> CaseResult {
 /// block size: -EINVAL as an event, no command reaches the device) must make the notification
 /// fd readable too, or an event loop waiting on it would never learn of it.
 fn submit_time_event(t: &Target) -> CaseResult {
-    let bs = block_size(t)?;
+    let bs = block_size(t, 1)? as usize;
     let fd = Fd::open(t)?;
     let mut ctx = context(Interrupt, 16)?;
     let nfd = ctx.notification_fd().ok_or("no notification fd in interrupt mode")?;

@@ -4,7 +4,7 @@
 //! Every test takes one lock: the thread-leak test counts the process's interrupt threads, and
 //! the tests are quick enough to run one at a time.
 
-use std::os::fd::RawFd;
+use nvaio_tests::cases::readable;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -56,31 +56,10 @@ fn dma_page(ctrl: &Controller) -> DmaRegion {
     DmaRegion::alloc(ctrl.device().dma_mapper(), 4096).unwrap()
 }
 
-/// Whether `fd` becomes readable within `ms` milliseconds.
-fn readable(fd: RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    r == 1 && pfd.revents & libc::POLLIN != 0
-}
-
-/// Reaps one completion from `qp` the way an interrupt-mode context waits: drain the notifier,
-/// poll, and only then sleep on the notifier (bounded by `limit`).
+/// Reaps one completion from `qp` the way an interrupt-mode context waits (see
+/// [`irq_cases::wait_one`]).
 fn wait_one(qp: &mut QueuePair, n: &Notifier, limit: Duration) -> Result<Cqe, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        n.drain();
-        let mut got = None;
-        qp.poll(1, |c| got = Some(c.cqe));
-        if let Some(cqe) = got {
-            return Ok(cqe);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("queue {}: no completion within {limit:?}", qp.qid()));
-        }
-        readable(n.fd(), left.as_millis().max(1) as i32);
-    }
+    irq_cases::wait_one(qp, n, limit, &mut 0)
 }
 
 /// Threads of this process whose name starts with `nvaio-` (the interrupt threads).
@@ -397,13 +376,7 @@ fn guest_irq_cases_on_the_emulated_controller() {
     let _g = serial();
     for (vectors, queues) in [(2, 8), (17, 16), (1, 4)] {
         let (_emu, ctrl) = controller(irq_config(vectors, queues));
-        let t = Target {
-            ctrl,
-            expect_lba: None,
-            expect_namespaces: None,
-            expect_size: None,
-            expect_serial: None,
-        };
+        let t = Target::new(ctrl);
         let cases =
             irq_cases::all().into_iter().filter(|c| !c.name.contains("temperature")).collect();
         let (passed, failed) = nvaio_tests::cases::run_cases(cases, "emu/", &t, None);

@@ -15,13 +15,7 @@ fn mode_cases_on_emulated_vector_layouts() {
         let dev: Arc<dyn Device> = emu;
         let ctrl = Controller::new(dev).unwrap();
         assert!(ctrl.interrupt_vectors() > 0, "{vectors} vectors offered, none enabled");
-        let t = Target {
-            ctrl,
-            expect_lba: None,
-            expect_namespaces: None,
-            expect_size: None,
-            expect_serial: None,
-        };
+        let t = Target::new(ctrl);
         let prefix = format!("emu-{vectors}v{queues}q/");
         let (passed, failed) = nvaio_tests::mode_cases::run_all(&prefix, &t, None);
         assert_eq!(failed, 0, "{failed} mode cases failed with {vectors} vectors, {queues} queues");
